@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks; they import core, nothing imports them."""

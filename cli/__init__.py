@@ -1,0 +1,1 @@
+"""The `combllama` command line: thin click commands over core, ingest and sessions."""

@@ -1,0 +1,1 @@
+"""Chat sessions: a SQLite store of named sessions and their turns. A leaf: no torch, no core."""
