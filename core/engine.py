@@ -1,0 +1,100 @@
+"""The engine: a memory attached as a cache, question ids in, answer token ids out, streamed.
+
+It knows nothing about text, files or terminals (nanochat's rule). Positions continue from the
+memory's logical length; after every answer — finished, stopped or interrupted — the cache is cut
+back to the memory, so one attached memory serves any number of questions.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from .errors import BadInputError
+from .methods.base import KVMemory, prefill, trim_cache
+from .sampling import sample
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise BadInputError("max_new_tokens must be at least 1")
+        if self.temperature < 0:
+            raise BadInputError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise BadInputError("top_p must be in (0, 1]")
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prefill_seconds: float = 0.0
+    new_tokens: int = 0
+    decode_seconds: float = 0.0
+    first_token_seconds: float = 0.0  # from the call to the first yielded token
+    stop: str = ""  # "eos" | "length" | "interrupted"
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        pf = self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else None
+        dc = (self.new_tokens - 1) / self.decode_seconds if self.decode_seconds and self.new_tokens > 1 else None
+        return {"prompt_tokens": self.prompt_tokens, "prefill_s": round(self.prefill_seconds, 4),
+                "prefill_tok_s": round(pf, 1) if pf else None, "new_tokens": self.new_tokens,
+                "decode_s": round(self.decode_seconds, 4), "decode_tok_s": round(dc, 1) if dc else None,
+                "first_token_s": round(self.first_token_seconds, 4), "stop": self.stop}
+
+
+class Engine:
+    def __init__(self, model, memory: KVMemory, eos_ids: list[int]):
+        self.model, self.memory, self.eos_ids = model, memory, set(eos_ids)
+        self.stats = GenerationStats()
+
+    @property
+    def window(self) -> int:
+        return int(self.model.config.max_position_embeddings)
+
+    def generate(self, ids: list[int], options: GenerateOptions = GenerateOptions()) -> Iterator[int]:
+        """Yield answer token ids for prompt `ids` (which follow the memory). EOS is not yielded."""
+        import torch
+
+        mem = self.memory
+        room = self.window - mem.logical_length - len(ids)
+        if room < 1:
+            raise BadInputError(f"the question and history ({len(ids):,} tokens) do not fit the model's window "
+                                f"after the memory ({mem.logical_length:,} of {self.window:,} positions)")
+        budget = min(options.max_new_tokens, room)
+        gen = torch.Generator(device="cpu")
+        if options.seed is not None:
+            gen.manual_seed(options.seed)
+        self.stats = st = GenerationStats(prompt_tokens=len(ids), stop="interrupted")
+        t0 = time.perf_counter()
+        pos = mem.logical_length
+        phys = mem.lengths[0]
+        try:
+            logits = prefill(self.model, ids, mem.cache, pos, phys)
+            pos, phys = pos + len(ids), phys + len(ids)
+            st.prefill_seconds = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            for i in range(budget):
+                token = sample(logits.float().cpu(), options.temperature, options.top_p, gen)
+                if token in self.eos_ids:
+                    st.stop = "eos"
+                    break
+                st.new_tokens += 1
+                if i == 0:
+                    st.first_token_seconds = time.perf_counter() - t0
+                yield token
+                if i + 1 == budget:
+                    st.stop = "length"
+                    break
+                logits = prefill(self.model, [token], mem.cache, pos, phys)
+                pos, phys = pos + 1, phys + 1
+            st.decode_seconds = time.perf_counter() - t1
+        finally:
+            trim_cache(mem.cache, mem.lengths)

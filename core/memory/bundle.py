@@ -1,0 +1,300 @@
+"""Reading and writing memory bundles (layout and manifest: see format.py).
+
+MemoryWriter: create or resume a bundle under an exclusive lock, add chunk files, commit the
+manifest atomically. MemoryReader: open a bundle read-only, validate cheapest first, and hand out
+verified CPU tensors; it never touches a GPU (the caller moves tensors after every check passed).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import BusyError, CorruptMemoryError, IncompatibleMemoryError, NotAMemoryError
+from .durable import fsync_dir, write_atomic
+from .format import (CHUNK_FILE, FORMAT, FORMAT_VERSION, MAX_MANIFEST_BYTES, canonical_json, parse_manifest,
+                     safetensors_header)
+
+MANIFEST = "MANIFEST.json"
+TOKENS = "tokens.safetensors"
+_DT = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32", "int16": "I16",
+       "int8": "I8", "uint8": "U8"}
+
+
+def _dtype_code(t) -> str:
+    return _DT[str(t.dtype).removeprefix("torch.")]
+
+
+def _load_verified(path: Path, expect_bytes: int, expect_sha: str, expect_tensors: dict, where: str) -> dict:
+    """Read a tensor file, check size → sha256 → header → names/dtypes/shapes → finiteness; CPU tensors."""
+    import torch
+    from safetensors.torch import load as st_load
+
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        raise CorruptMemoryError(f"{where}: {path.name} is missing") from None
+    if not path.is_file() or path.is_symlink():
+        raise CorruptMemoryError(f"{where}: {path.name} is not a regular file")
+    if st.st_size != expect_bytes:
+        raise CorruptMemoryError(f"{where}: {path.name} is {st.st_size} bytes, manifest says {expect_bytes} (truncated?)")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != expect_sha:
+        raise CorruptMemoryError(f"{where}: checksum mismatch in {path.name}")
+    header = safetensors_header(data, where)
+    found = {k: [v["dtype"], list(v["shape"])] for k, v in header.items() if k != "__metadata__"}
+    if found != {k: [v[0], list(v[1])] for k, v in expect_tensors.items()}:
+        raise CorruptMemoryError(f"{where}: tensors in {path.name} differ from the manifest")
+    try:
+        tensors = st_load(data)
+    except Exception as e:  # safetensors raises its own error type; report it as corruption
+        raise CorruptMemoryError(f"{where}: {path.name} does not parse ({e})") from None
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CorruptMemoryError(f"{where}: tensor {name!r} holds NaN or Inf")
+    return tensors
+
+
+def _tensor_bytes(tensors: dict) -> tuple[bytes, dict]:
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return save(tensors), {k: [_dtype_code(v), list(v.shape)] for k, v in tensors.items()}
+
+
+class MemoryWriter:
+    """Exclusive writer of one bundle. Use as a context manager; the lock is released on exit."""
+
+    def __init__(self, root: Path, manifest: dict, lock):
+        self.root, self.manifest, self._lock = root, manifest, lock
+        self._dirty = False
+
+    # -- opening -------------------------------------------------------------------------------
+    @staticmethod
+    def _acquire(root: Path, timeout: float):
+        from filelock import FileLock, Timeout
+
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock = FileLock(str(root / "LOCK"), timeout=timeout)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise BusyError(f"{root.name}: another combllama process is writing this memory") from None
+        return lock
+
+    @classmethod
+    def create(cls, root: Path, header: dict, token_ids: list[int], lock_timeout: float = 10.0) -> "MemoryWriter":
+        """Start a new bundle at `root` (which must not hold a manifest yet)."""
+        import torch
+
+        lock = cls._acquire(root, lock_timeout)
+        try:
+            if (root / MANIFEST).exists():
+                raise CorruptMemoryError(f"{root.name}: a memory already exists here")
+            for sub in ("chunks", "tmp"):
+                shutil.rmtree(root / sub, ignore_errors=True)
+                (root / sub).mkdir(mode=0o700)
+            data, _ = _tensor_bytes({"ids": torch.tensor(token_ids, dtype=torch.int32)})
+            write_atomic(root / TOKENS, data, root / "tmp")
+            manifest = {
+                "format": FORMAT, "format_version": FORMAT_VERSION, "min_reader_version": 1, "required_features": [],
+                "created_by": f"combllama {_version()}",
+                "created_at": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                **header,
+                "tokens": {"file": TOKENS, "sha256": hashlib.sha256(data).hexdigest(), "count": len(token_ids),
+                           "bytes": len(data)},
+                "chunks": [], "ingest": {"state": "partial", "next_seq": 0, "planned": header.get("planned_chunks")},
+            }
+            writer = cls(root, manifest, lock)
+            writer.commit()
+            return writer
+        except BaseException:
+            lock.release()
+            raise
+
+    @classmethod
+    def resume(cls, root: Path, expect: dict, lock_timeout: float = 10.0) -> "MemoryWriter":
+        """Reopen a partial bundle. `expect` holds header fields that must match exactly (model,
+        method, chunking, source hash...): a resume never mixes old and new settings or content."""
+        lock = cls._acquire(root, lock_timeout)
+        try:
+            manifest = MemoryReader(root).manifest
+            for key, value in expect.items():
+                if manifest.get(key) != value:
+                    raise IncompatibleMemoryError(
+                        f"{root.name}: cannot resume: {key} changed since the interrupted ingest "
+                        f"(was {manifest.get(key)!r}, now {value!r}); ingest again without --resume")
+            writer = cls(root, manifest, lock)
+            writer.clean_orphans()
+            return writer
+        except BaseException:
+            lock.release()
+            raise
+
+    def clean_orphans(self) -> list[str]:
+        """Delete staging files and chunk files no committed manifest lists (left by a crash)."""
+        listed = {c["file"] for c in self.manifest["chunks"] if c.get("file")}
+        removed = []
+        shutil.rmtree(self.root / "tmp", ignore_errors=True)
+        (self.root / "tmp").mkdir(mode=0o700)
+        for p in (self.root / "chunks").iterdir():
+            if f"chunks/{p.name}" not in listed:
+                p.unlink()
+                removed.append(p.name)
+        return removed
+
+    # -- writing -------------------------------------------------------------------------------
+    @property
+    def next_seq(self) -> int:
+        return self.manifest["ingest"]["next_seq"]
+
+    def add_chunk(self, start: int, end: int, tokens_sha256: str, source: list, tensors: dict | None) -> dict:
+        """Write one chunk's tensors durably; it becomes part of the memory at the next commit()."""
+        seq = self.next_seq
+        record = {"seq": seq, "start": start, "end": end, "tokens_sha256": tokens_sha256, "source": source,
+                  "file": None, "bytes": 0, "sha256": None, "tensors": {}}
+        if tensors:
+            data, specs = _tensor_bytes(tensors)
+            sha = hashlib.sha256(data).hexdigest()
+            rel = f"chunks/{seq:06d}-{sha[:12]}.safetensors"
+            assert CHUNK_FILE.match(rel)
+            write_atomic(self.root / rel, data, self.root / "tmp")
+            record.update(file=rel, bytes=len(data), sha256=sha, tensors=specs)
+        self.manifest["chunks"].append(record)
+        self.manifest["ingest"]["next_seq"] = seq + 1
+        self._dirty = True
+        return record
+
+    def commit(self, **updates) -> None:
+        """Atomically replace MANIFEST.json with the current state (the one commit point)."""
+        self.manifest.update(updates)
+        data = canonical_json(self.manifest)
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise CorruptMemoryError(f"{self.root.name}: manifest would exceed {MAX_MANIFEST_BYTES} bytes")
+        write_atomic(self.root / MANIFEST, data, self.root / "tmp")
+        self._dirty = False
+
+    def seal(self, **updates) -> None:
+        self.manifest["ingest"]["state"] = "complete"
+        self.commit(**updates)
+
+    def committed_chunks(self) -> Iterator[tuple[dict, dict]]:
+        """(record, verified CPU tensors) of every committed chunk, in order (for resuming)."""
+        return MemoryReader(self.root, self.manifest).chunks()
+
+    def close(self) -> None:
+        self._lock.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class MemoryReader:
+    """Read-only view of a bundle. Construction validates the manifest (no tensor is read)."""
+
+    def __init__(self, root: Path, manifest: dict | None = None):
+        self.root = Path(root)
+        self.manifest = manifest if manifest is not None else self._read_manifest()
+
+    def _read_manifest(self) -> dict:
+        where = self.root.name or str(self.root)
+        if not self.root.is_dir():
+            raise NotAMemoryError(f"{self.root}: not a combllama memory (not a memory directory)")
+        path = self.root / MANIFEST
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            raise NotAMemoryError(f"{where}: not a combllama memory (no {MANIFEST})") from None
+        if not path.is_file() or path.is_symlink():
+            raise NotAMemoryError(f"{where}: {MANIFEST} is not a regular file")
+        if st.st_size > MAX_MANIFEST_BYTES:
+            raise CorruptMemoryError(f"{where}: manifest is {st.st_size} bytes (cap {MAX_MANIFEST_BYTES})")
+        return parse_manifest(path.read_bytes(), where)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.get("name") or self.root.name
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest["ingest"]["state"] == "complete"
+
+    def check_model(self, fingerprint: str) -> None:
+        have = self.manifest["model"]["fingerprint"]
+        if have != fingerprint:
+            raise IncompatibleMemoryError(
+                f"{self.name}: written by another model (memory {have[:18]}…, loaded model {fingerprint[:18]}…); "
+                f"load the model it was made with (--model) or ingest again")
+
+    def token_ids(self) -> list[int]:
+        t = self.manifest["tokens"]
+        tensors = _load_verified(self.root / TOKENS, t.get("bytes", -1), t["sha256"],
+                                 {"ids": ["I32", [t["count"]]]}, self.name)
+        return tensors["ids"].tolist()
+
+    def chunk(self, record: dict) -> dict:
+        if not record.get("file"):
+            return {}
+        return _load_verified(self.root / record["file"], record["bytes"], record["sha256"], record["tensors"],
+                              f"{self.name} chunk {record['seq']}")
+
+    def chunks(self) -> Iterator[tuple[dict, dict]]:
+        for record in self.manifest["chunks"]:
+            yield record, self.chunk(record)
+
+    def verify(self) -> list[str]:
+        """Check every file; return problems (empty when the memory is intact)."""
+        problems = []
+        try:
+            self.token_ids()
+        except CorruptMemoryError as e:
+            problems.append(str(e))
+        for record in self.manifest["chunks"]:
+            try:
+                self.chunk(record)
+            except CorruptMemoryError as e:
+                problems.append(str(e))
+        return problems
+
+    def stats(self) -> dict:
+        m = self.manifest
+        files = [self.root / MANIFEST, self.root / TOKENS] + [self.root / c["file"] for c in m["chunks"] if c.get("file")]
+        size = sum(p.stat().st_size for p in files if p.exists())
+        tensor_bytes = sum(c["bytes"] for c in m["chunks"])
+        tokens = m["positions"]["logical_length"]
+        return {"name": self.name, "path": str(self.root), "state": m["ingest"]["state"],
+                "method": m["method"]["name"], "params": m["method"].get("params", {}),
+                "model": m["model"].get("name"), "fingerprint": m["model"]["fingerprint"],
+                "source": m["source"].get("name"), "kind": m["source"].get("kind"),
+                "tokens": tokens, "document_tokens": m["source"].get("doc_tokens"),
+                "chunks": len(m["chunks"]), "bytes": size, "tensor_bytes": tensor_bytes,
+                "bytes_per_token": round(size / tokens, 1) if tokens else None,
+                "created_at": m.get("created_at"), "kv_dtype": m.get("kv_dtype")}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("combllama")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0+unknown"
+
+
+def remove_bundle(root: Path, lock_timeout: float = 10.0) -> None:
+    """Delete a bundle (under its lock, so an ingest in progress is never pulled from under it)."""
+    lock = MemoryWriter._acquire(root, lock_timeout)
+    try:
+        tomb = root.with_name(f".{root.name}.deleting.{os.getpid()}.{int(time.time())}")
+        os.replace(root, tomb)
+        fsync_dir(root.parent)
+    finally:
+        lock.release()
+    shutil.rmtree(tomb, ignore_errors=True)

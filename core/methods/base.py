@@ -1,0 +1,157 @@
+"""The method contract: how a memory is encoded chunk by chunk and attached for answering.
+
+A method is a small class with a typed, validated `Options` dataclass, registered by name in
+`core.methods.METHODS`. encode side: `select` picks the document tokens to keep, `encoder` returns a
+stateful object that turns each chunk into the tensors to persist (and can be restored from the
+committed ones on resume). attach side: `attach` turns verified CPU tensors into what the engine
+reads. KV methods share `prefill` and `KVMemory`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, Iterable
+
+from ..errors import BadInputError
+
+
+@dataclass(frozen=True)
+class Budget:
+    """`--budget`: a fraction of the document (0 < f <= 1) or a number of tokens (an integer > 1)."""
+
+    fraction: float | None = None
+    tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.fraction is None) == (self.tokens is None):
+            raise BadInputError("a budget is either a fraction or a token count")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise BadInputError(f"budget fraction must be in (0, 1], got {self.fraction}")
+        if self.tokens is not None and self.tokens < 1:
+            raise BadInputError(f"budget must be at least 1 token, got {self.tokens}")
+
+    @classmethod
+    def parse(cls, text: str | float | int | None) -> "Budget | None":
+        if text is None or text == "":
+            return None
+        s = str(text).strip()
+        if re.fullmatch(r"\d+", s) and int(s) > 1:
+            return cls(tokens=int(s))
+        try:
+            return cls(fraction=float(s))
+        except ValueError:
+            raise BadInputError(f"--budget must be a fraction like 0.25 or a token count like 4096, not {s!r}") from None
+
+    def of(self, n: int) -> int:
+        """Tokens this budget allows out of `n`."""
+        return min(n, self.tokens) if self.tokens is not None else max(1, int(n * self.fraction))
+
+    def to_json(self) -> dict:
+        return {"fraction": self.fraction} if self.fraction is not None else {"tokens": self.tokens}
+
+
+@dataclass
+class KVMemory:
+    """A memory attached as a transformers cache. `lengths[l]` is layer l's physical length (what the
+    engine trims back to after each answer); `logical_length` is where positions continue."""
+
+    cache: Any  # transformers DynamicCache
+    logical_length: int
+    lengths: list[int]
+    chunk_spans: list[tuple[int, int]] = field(default_factory=list)  # physical [a, b) per chunk, layer 0
+
+
+@dataclass(frozen=True)
+class Options:
+    """Base of every method's options; subclasses add typed fields with defaults."""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Options":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise BadInputError(f"unknown option(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known)) or 'none'})")
+        return cls(**data)
+
+
+class Encoder:
+    """Turns chunks, in order, into tensors to persist."""
+
+    def restore(self, chunk, tensors: dict) -> None:
+        """Feed back a committed chunk when resuming (so the state equals an uninterrupted run)."""
+        raise NotImplementedError
+
+    def encode(self, chunk) -> dict | None:
+        """Tensors to store for `chunk` (None: nothing stored for it)."""
+        raise NotImplementedError
+
+
+class Method:
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+    summary: ClassVar[str]
+    kind: ClassVar[str] = "kv"  # what attach returns: "kv" → KVMemory
+    Options: ClassVar[type[Options]] = Options
+
+    def __init__(self, options: Options | None = None, budget: Budget | None = None):
+        self.options = options if options is not None else self.Options()
+        self.budget = budget
+
+    def params(self) -> dict:
+        """Everything that shapes the memory's contents (stored in the manifest, part of the content key)."""
+        return {**self.options.to_json(), "budget": self.budget.to_json() if self.budget else None}
+
+    def select(self, n_prefix: int, n_doc: int, window: int, reserve: int) -> tuple[int, int]:
+        """Document token range [a, b) to encode. `reserve` tokens of the window stay free for the
+        conversation. The default keeps everything."""
+        return 0, n_doc
+
+    def encoder(self, model, total_tokens: int) -> Encoder:
+        raise NotImplementedError
+
+    def attach(self, model, manifest: dict, blocks: Iterable[tuple[dict, dict]]):
+        raise NotImplementedError
+
+    def memory_tokens(self, total_tokens: int) -> int:
+        """Estimated KV entries kept per layer for a memory of `total_tokens` (for size planning)."""
+        return total_tokens
+
+
+def prefill(model, ids: list[int], cache, start_pos: int, physical_start: int | None = None):
+    """Run `ids` through the model on top of `cache` at positions start_pos.. and return the logits
+    of the last token. Positions are explicit because compressed caches are shorter than the text."""
+    import torch
+
+    device = model.device
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    phys = cache.get_seq_length() if physical_start is None else physical_start
+    pos = torch.arange(start_pos, start_pos + len(ids), device=device)[None]
+    cpos = torch.arange(phys, phys + len(ids), device=device)
+    with torch.inference_mode():
+        out = model(input_ids=x, past_key_values=cache, position_ids=pos, cache_position=cpos, use_cache=True,
+                    logits_to_keep=1)
+    return out.logits[0, -1]
+
+
+def layer_kv(cache, layer: int):
+    """(keys, values) of one cache layer, each [batch, kv_heads, seq, head_dim]."""
+    lay = cache.layers[layer]
+    return lay.keys, lay.values
+
+
+def make_cache(kv: list[tuple[Any, Any]]):
+    """A DynamicCache holding the given per-layer (keys, values), each [1, kv_heads, seq, head_dim]."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=kv)
+
+
+def trim_cache(cache, lengths: list[int]) -> None:
+    """Cut every layer back to its memory length (drop the question and answer of the last turn)."""
+    for lay, n in zip(cache.layers, lengths):
+        if lay.keys is not None and lay.keys.shape[-2] > n:
+            lay.keys = lay.keys[:, :, :n]
+            lay.values = lay.values[:, :, :n]
