@@ -161,7 +161,7 @@ def load_model(spec: ModelSpec, paths: Paths | None = None,
                on_progress: Callable[[str], None] | None = None) -> LoadedModel:
     """Load tokenizer and weights for `spec`, in eval mode, on the resolved device and dtype."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -175,9 +175,13 @@ def load_model(spec: ModelSpec, paths: Paths | None = None,
         name = directory.name
         if not (directory / "config.json").is_file():
             raise BadInputError(f"{directory}: not a Hugging Face model directory (no config.json)")
-    config = AutoConfig.from_pretrained(str(directory))
-    if config.model_type not in SUPPORTED_TYPES:
-        raise BadInputError(f"{directory}: model type {config.model_type!r} is not Llama-family "
+    # Plain JSON, not AutoConfig: resolving the auto-config registry alone costs about a second.
+    try:
+        model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"{directory}/config.json: unreadable ({e})") from None
+    if model_type not in SUPPORTED_TYPES:
+        raise BadInputError(f"{directory}: model type {model_type!r} is not Llama-family "
                             f"(supported: {', '.join(SUPPORTED_TYPES)})")
     device = resolve_device(spec)
     dtype = resolve_dtype(spec, device)

@@ -58,3 +58,24 @@ def plan_chunks(n_tokens: int, chunk_tokens: int, boundaries: frozenset[int] = f
         spans.append((start, end))
         start = end
     return spans
+
+
+class StreamDecoder:
+    """Token ids → text deltas for streaming, without splitting multi-byte characters: decode the
+    pending ids and emit only once the text no longer ends in a replacement character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.emitted = tokenizer, [], 0
+
+    def feed(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.emitted = text[self.emitted:], len(text)
+        return delta
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        delta, self.emitted = text[self.emitted:], len(text)
+        return delta

@@ -1,0 +1,114 @@
+"""`combllama ask`: one question, answered from a memory (ingesting a path on the fly)."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .options import json_option, load, model_options
+
+
+def resolve_memory(loaded, target: str, method_name: str | None, budget: str | None, quiet: bool):
+    """A memory reader for `target`: an existing memory name, or a path ingested now (or reused when a
+    memory of the same content, model and settings exists)."""
+    from .. import ingest as sources
+    from ..core.encode import EncodeConfig, plan_memory
+    from ..core.memory.store import MemoryStore
+    from ..core.paths import Paths
+    from ..core.errors import BadInputError
+    from .ingest_cmd import choose_method, run_ingest
+    from .render import warn
+
+    store = MemoryStore(Paths.from_env().memories)
+    if not Path(target).exists():
+        return store.open(target), None
+    if (Path(target) / "MANIFEST.json").is_file():
+        return store.open(target), None
+    method = choose_method(method_name, budget)
+    if method_name is None:
+        # A one-shot question about a file too long for the window: say so, then keep what fits.
+        document = sources.load(target)
+        try:
+            plan_memory(loaded, document, method, EncodeConfig())
+        except BadInputError as e:
+            warn(f"{e}; answering from the last tokens that fit (method truncate)")
+            method = choose_method("truncate", budget)
+    result = run_ingest(loaded, target, name=store.unique_name(Path(target).stem) if not _known(store, loaded, target, method) else None,
+                        method=method, quiet=quiet)
+    return store.open(result.name), result
+
+
+def _known(store, loaded, target, method) -> bool:
+    """Whether a memory of this exact content and settings already exists (so its name is reused)."""
+    from .. import ingest as sources
+    from ..core.encode import EncodeConfig, plan_memory
+
+    key = plan_memory(loaded, sources.load(target), method, EncodeConfig()).content_key
+    return store.find(key) is not None
+
+
+@click.command()
+@click.argument("target", metavar="NAME_OR_PATH")
+@click.argument("question")
+@click.option("--method", default=None, help="Method when TARGET is a path that must be ingested.")
+@click.option("--budget", default=None, metavar="FRACTION|TOKENS", help="Budget when TARGET is ingested now.")
+@click.option("--max-tokens", default=512, show_default=True, type=click.IntRange(1), help="Answer length cap.")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0 is greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--seed", default=None, type=int, help="Seed for sampling.")
+@click.option("--stats", is_flag=True, help="Print token counts and speeds on stderr after the answer.")
+@click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")
+@model_options
+@json_option
+def ask(target, question, method, budget, max_tokens, temperature, top_p, seed, stats, quiet, spec, as_json):
+    """Answer QUESTION from the memory NAME, or from the file PATH (ingested now, or reused).
+
+    \b
+      combllama ask book "Who keeps the lighthouse?"
+      combllama ask notes.txt "What did we decide about the budget?" --json
+    """
+    from ..core.engine import Engine, GenerateOptions
+    from ..core.methods import from_manifest
+    from ..core.prompt import turn_ids
+    from ..core.tokenize import StreamDecoder
+    from .render import note, safe
+
+    options = GenerateOptions(max_tokens, temperature, top_p, seed)
+    t0 = time.perf_counter()
+    loaded = load(spec, quiet or as_json)
+    reader, ingested = resolve_memory(loaded, target, method, budget, quiet or as_json)
+    reader.check_model(loaded.fingerprint)
+    t1 = time.perf_counter()
+    memory = from_manifest(reader.manifest).attach(loaded.model, reader.manifest, reader.chunks())
+    attach_s = time.perf_counter() - t1
+    engine = Engine(loaded.model, memory, loaded.eos_ids)
+    ids = turn_ids(loaded.tokenizer, question)
+    decoder = StreamDecoder(loaded.tokenizer)
+    pieces = []
+    tty = sys.stdout.isatty()
+    for token in engine.generate(ids, options):
+        piece = decoder.feed(token)
+        pieces.append(piece)
+        if not as_json and piece:
+            sys.stdout.write(safe(piece) if tty else piece)
+            sys.stdout.flush()
+    answer = "".join(pieces) + decoder.flush()
+    st = engine.stats.to_dict()
+    record = {"memory": reader.name, "model": loaded.name, "question": question, "answer": answer,
+              "usage": {"question_tokens": len(ids), "memory_tokens": memory.logical_length,
+                        "output_tokens": st["new_tokens"]},
+              "timings": {"load_s": round(loaded.load_seconds, 3), "attach_s": round(attach_s, 3),
+                          "total_s": round(time.perf_counter() - t0, 3), **st},
+              "ingested": bool(ingested and not ingested.reused)}
+    if as_json:
+        click.echo(json.dumps(record, indent=2, ensure_ascii=False))
+        return
+    sys.stdout.write("\n")
+    if stats and not quiet:
+        note(f"question {len(ids)} tok · memory {memory.logical_length:,} tok · prefill {st['prefill_s']:.2f} s "
+             f"({st['prefill_tok_s'] or 0:,.0f} tok/s) · decode {st['new_tokens']} tok "
+             f"({st['decode_tok_s'] or 0:.1f} tok/s) · load {loaded.load_seconds:.2f} s · attach {attach_s:.2f} s · "
+             f"{loaded.device} {str(loaded.dtype).removeprefix('torch.')}")
