@@ -26,17 +26,21 @@ _last_rand = 0
 def new_ulid(now_ms: int | None = None) -> str:
     """A 26-character ULID: 48-bit ms timestamp + 80 random bits, Crockford base32.
 
-    Monotonic within a process (the random part is incremented inside one millisecond), so ids made
-    here sort in creation order; across processes they sort by millisecond, then at random.
+    Monotonic within a process (inside one millisecond, or if the clock steps back, the random part is
+    incremented), so ids made here sort in creation order; across processes they sort by millisecond,
+    then at random.
     """
     global _last_ms, _last_rand
-    with _lock:
-        ms = int(time.time() * 1000) if now_ms is None else now_ms
-        if ms <= _last_ms and _last_rand < (1 << 80) - 1:
-            ms, rand = _last_ms, _last_rand + 1
-        else:
-            rand = int.from_bytes(os.urandom(10), "big")
-        _last_ms, _last_rand = ms, rand
+    if now_ms is not None:  # an explicit time (tests) neither reads nor moves the monotonic state
+        ms, rand = now_ms, int.from_bytes(os.urandom(10), "big")
+    else:
+        with _lock:
+            ms = int(time.time() * 1000)
+            if ms <= _last_ms and _last_rand < (1 << 80) - 1:
+                ms, rand = _last_ms, _last_rand + 1
+            else:
+                rand = int.from_bytes(os.urandom(10), "big")
+            _last_ms, _last_rand = ms, rand
     value = (ms << 80) | rand
     return "".join(CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
 
