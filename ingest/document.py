@@ -17,7 +17,9 @@ class Origin:
     """Where a section starts in its source; every field a citation may name."""
 
     path: str  # display path (relative to the ingest root for repositories)
-    line_start: int | None = None  # 1-based line of the section's first character (text, code)
+    line_start: int | None = None  # 1-based line of the section's first character (text, code);
+    # 0 when the section opens with a one-line header (a repository's `==> path <==` marker), so the
+    # file's own lines keep their numbers
     page_index: int | None = None  # 0-based page (PDF)
     page_label: str | None = None  # printed page label ("xii", "37")
     title: str | None = None  # heading, chapter title
@@ -87,7 +89,8 @@ class Document:
             if o.line_start is not None:
                 a = o.line_start + sec.text.count("\n", 0, lo)
                 b = a + sec.text.count("\n", lo, max(lo, hi - 1))
-                part["lines"] = [a, b]
+                # A span touching only a header line (line 0) cites the file's first line.
+                part["lines"] = [max(a, 1), max(b, 1)]
             if o.page_label is not None or o.page_index is not None:
                 label = o.page_label if o.page_label is not None else str(o.page_index + 1)
                 part["pages"] = [label, label]
@@ -120,9 +123,19 @@ def label(parts: list[dict]) -> str:
         elif "lines" in p:
             a, b = p["lines"]
             out.append(f"{p['path']}:{a}" + (f"-{b}" if b != a else ""))
+        elif p.get("title"):
+            out.append(f"{p['path']} \"{p['title']}\"")
         else:
             out.append(p["path"])
     return ", ".join(out)
+
+
+def skip_summary(skips: list[Skip]) -> dict[str, int]:
+    """Count of skipped items per reason, reasons sorted: {"binary": 3, "ignored": 120}."""
+    counts: dict[str, int] = {}
+    for s in skips:
+        counts[s.reason] = counts.get(s.reason, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def sha256_text(*parts: str) -> str:
@@ -130,4 +143,13 @@ def sha256_text(*parts: str) -> str:
     for p in parts:
         h.update(p.encode("utf-8", "surrogatepass"))
         h.update(b"\0")
+    return h.hexdigest()
+
+
+def sha256_file(path) -> str:
+    """Streaming sha256 of a file's bytes (the Document.sha256 of single-file sources)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
     return h.hexdigest()

@@ -1,0 +1,103 @@
+"""A zip archive read under caps: entry count, declared and real uncompressed size per entry and in
+total, compression ratio, and safe member names. Members are read into memory as capped streams,
+never extracted to disk. Stdlib only; knows nothing about EPUB.
+"""
+from __future__ import annotations
+
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .base import IngestOptions, MiB
+from .document import Skip
+from .errors import SourceError
+
+_RATIO_MIN_BYTES = 1 * MiB  # small entries of repeated text compress 100:1 legitimately
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def unsafe_name(name: str) -> str | None:
+    """Why a member name could escape a folder if ever extracted (None when it is fine)."""
+    if any(ch in name for ch in "\x00\n\r"):
+        return "control character in name"
+    if name.startswith(("/", "\\")) or _DRIVE.match(name):
+        return "absolute path"
+    if ".." in re.split(r"[\\/]", name):
+        return "parent-directory component"
+    return None
+
+
+def escape_name(name: str) -> str:
+    """Printable form of a member name for reports (no raw control characters)."""
+    return name.encode("unicode_escape", "backslashreplace").decode("ascii") if not name.isprintable() else name
+
+
+@dataclass
+class SafeZip:
+    """Members by name after the checks; `read` enforces the size caps on the real inflated bytes."""
+
+    path: Path
+    options: IngestOptions
+    zf: zipfile.ZipFile
+    members: dict[str, zipfile.ZipInfo] = field(default_factory=dict)
+    skipped: list[Skip] = field(default_factory=list)
+    total_read: int = 0
+
+    @classmethod
+    def open(cls, path: Path, options: IngestOptions) -> SafeZip:
+        name = path.name
+        try:
+            zf = zipfile.ZipFile(path)
+            infos = zf.infolist()
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
+            raise SourceError(f"{name}: not a readable zip archive ({e})") from None
+        if len(infos) > options.zip_max_entries:
+            raise SourceError(f"{name}: zip-unsafe: {len(infos):,} entries is over the limit of "
+                              f"{options.zip_max_entries:,} (zip_max_entries)")
+        self = cls(path, options, zf)
+        declared = 0
+        for info in infos:
+            why = unsafe_name(info.filename)
+            if why:
+                self.skipped.append(Skip(f"{name}:{escape_name(info.filename)}", "zip-unsafe", why))
+                continue
+            if info.filename.endswith("/"):
+                continue
+            if info.file_size > options.zip_max_entry_bytes:
+                raise SourceError(f"{name}: zip-unsafe: entry {escape_name(info.filename)} inflates to "
+                                  f"{info.file_size:,} bytes (limit {options.zip_max_entry_bytes:,}, zip_max_entry_bytes)")
+            if info.file_size > _RATIO_MIN_BYTES and info.file_size > options.zip_max_ratio * max(info.compress_size, 1):
+                ratio = info.file_size / max(info.compress_size, 1)
+                raise SourceError(f"{name}: zip-unsafe: entry {escape_name(info.filename)} has compression ratio "
+                                  f"{ratio:,.0f}:1 (limit {options.zip_max_ratio:g}:1; a zip bomb?)")
+            declared += info.file_size
+            if info.filename in self.members:
+                raise SourceError(f"{name}: zip-unsafe: entry {escape_name(info.filename)} appears twice")
+            self.members[info.filename] = info
+        if declared > options.zip_max_total_bytes:
+            raise SourceError(f"{name}: zip-unsafe: entries inflate to {declared:,} bytes in total "
+                              f"(limit {options.zip_max_total_bytes:,}, zip_max_total_bytes)")
+        return self
+
+    def read(self, member: str) -> bytes:
+        """Inflate one member, trusting the declared size only as an upper bound we already checked."""
+        info = self.members[member]
+        limit = min(info.file_size, self.options.zip_max_entry_bytes)
+        try:
+            with self.zf.open(info) as f:
+                data = f.read(limit + 1)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as e:
+            # RuntimeError: an encrypted member ("password required")
+            raise SourceError(f"{self.path.name}: cannot read {escape_name(member)} ({e})") from None
+        if len(data) > limit:
+            raise SourceError(f"{self.path.name}: zip-unsafe: entry {escape_name(member)} inflates past its "
+                              f"declared size of {info.file_size:,} bytes")
+        self.total_read += len(data)
+        if self.total_read > self.options.zip_max_total_bytes:
+            raise SourceError(f"{self.path.name}: zip-unsafe: more than {self.options.zip_max_total_bytes:,} "
+                              f"bytes inflated (zip_max_total_bytes)")
+        return data
+
+    def close(self) -> None:
+        self.zf.close()
