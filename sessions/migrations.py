@@ -187,7 +187,8 @@ def migrate(db: sqlite3.Connection, where: str = "") -> list[str]:
             continue
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.execute(f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
+            db.execute(f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE}"
+                       " (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
             if name not in check_compatible(db, where):
                 fn(db)
                 db.execute(f"INSERT INTO {MIGRATIONS_TABLE} (name, applied_at) VALUES (?, ?)", (name, utc_now()))

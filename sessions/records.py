@@ -1,6 +1,9 @@
 """The records the sessions store hands out: frozen dataclasses with `to_dict()` for the CLI's --json.
 
-Plain data only: no SQLite, no I/O. The JSON shapes below are a public interface (scripts parse
+Plain data only: no SQLite, no I/O. Frozen means a field cannot be reassigned; the dicts and lists in a
+record are fresh copies of what is stored, so changing one changes nothing on disk.
+
+The JSON shapes below are a public interface (scripts parse
 `combllama sessions ... --json`); add keys freely, never rename or remove one.
 
 MemoryRef.to_dict():

@@ -40,8 +40,11 @@ class SessionStore:
     def __init__(self, path: str | os.PathLike[str], *, timeout: float = 10.0) -> None:
         self.path = Path(path).expanduser()
         self.timeout = timeout
-        _private_dirs(self.path.parent)
-        _private_file(self.path)
+        try:
+            _private_dirs(self.path.parent)
+            _private_file(self.path)
+        except OSError as e:
+            raise SessionDatabaseError(f"{self.path}: cannot create the sessions database: {e.strerror or e}") from e
         self._db: sqlite3.Connection | None = None
         with self._translate():
             # isolation_level=None: no implicit transactions; every transaction below is explicit.

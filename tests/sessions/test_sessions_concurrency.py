@@ -87,3 +87,27 @@ def test_two_processes_creating_unnamed_sessions_get_distinct_names(tmp_path):
         names = [x.name for x in s.list()]
     assert len(names) == 30 and len(set(n.lower() for n in names)) == 30
     assert set(names) == {"same-question"} | {f"same-question-{i}" for i in range(2, 31)}
+
+
+def test_processes_opening_a_fresh_database_together_migrate_it_once(tmp_path):
+    path = tmp_path / "fresh" / "sessions.db"
+    go = tmp_path / "go"
+    code = ("import os, sys, time\nfrom combllama.sessions.store import SessionStore\n"
+            "while not os.path.exists(sys.argv[2]): time.sleep(0.001)\n"
+            "s = SessionStore(sys.argv[1], timeout=30)\ns.create()\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path), str(go)], stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    time.sleep(0.3)  # let the interpreters start, so the opens race
+    go.touch()
+    for p in procs:
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+    import sqlite3
+    from contextlib import closing
+
+    from combllama.sessions import migrations
+    with closing(sqlite3.connect(path)) as db:
+        names = [r[0] for r in db.execute("SELECT name FROM _combllama_migrations")]
+    assert names == [name for name, _ in migrations.MIGRATIONS]
+    with SessionStore(path) as s:
+        assert len(s.list()) == 4

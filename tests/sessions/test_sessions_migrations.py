@@ -47,9 +47,10 @@ def test_partial_database_gets_the_missing_migrations(db_path):
     db.execute("BEGIN")
     migrations.m001_initial(db)
     db.execute(f"INSERT INTO {migrations.MIGRATIONS_TABLE} VALUES ('m001_initial', 'then')")
-    db.execute("INSERT INTO sessions (id, name, created_at, updated_at) VALUES ('01HZZZZZZZZZZZZZZZZZZZZZZZ', 'old', 't', 't')")
+    sid, tid = "01HZZZZZZZZZZZZZZZZZZZZZZZ", "01HZZZZZZZZZZZZZZZZZZZZZZY"
+    db.execute("INSERT INTO sessions (id, name, created_at, updated_at) VALUES (?, 'old', 't', 't')", (sid,))
     db.execute("INSERT INTO turns (id, session_id, seq, question, answer, created_at)"
-               " VALUES ('01HZZZZZZZZZZZZZZZZZZZZZZY', '01HZZZZZZZZZZZZZZZZZZZZZZZ', 1, 'lighthouse keeper', 'Ada', 't')")
+               " VALUES (?, ?, 1, 'lighthouse keeper', 'Ada', 't')", (tid, sid))
     db.execute("COMMIT")
     db.close()
     with SessionStore(db_path) as s:

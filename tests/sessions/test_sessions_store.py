@@ -76,8 +76,8 @@ def test_explicit_names_are_unique_case_insensitively(store):
     assert store.get("BOOK").name == "book"
 
 
-@pytest.mark.parametrize("bad", ["", "-x", ".hidden", "a b", "a/b", "x" * 65, "01ARZ3NDEKTSV4RRFFQ69G5FAV", "\u202eevil",
-                                 "_x", "a\nb"])
+@pytest.mark.parametrize("bad", ["", "-x", ".hidden", "a b", "a/b", "x" * 65, "01ARZ3NDEKTSV4RRFFQ69G5FAV",
+                                 "\u202eevil", "_x", "a\nb"])
 def test_bad_names_are_refused(store, bad):
     with pytest.raises(SessionNameError):
         store.create(bad)
@@ -266,9 +266,20 @@ def test_ulids_sort_by_time_and_are_unique():
     assert abs(ids.ulid_time(ids.new_ulid(now_ms=1_700_000_000_123)).timestamp() - 1_700_000_000.123) < 1e-3
 
 
-@pytest.mark.parametrize("text,slug", [("What's the keeper's name at Gull Point?", "whats-the-keepers-name-at-gull-point"),
-                                       ("", "chat"), ("?!", "chat"), ("Café — résumé", "café-résumé"),
-                                       ("a " * 50, "a-" * 19 + "a"), ("x" * 100, "x" * 40)])
+@pytest.mark.parametrize("text,slug", [
+    ("What's the keeper's name at Gull Point?", "whats-the-keepers-name-at-gull-point"), ("", "chat"), ("?!", "chat"),
+    ("Café — résumé", "café-résumé"), ("a " * 50, "a-" * 19 + "a"), ("x" * 100, "x" * 40)])
 def test_slugify(text, slug):
     assert ids.slugify(text) == slug
     assert ids.check_name(slug) is None
+
+
+def test_unusable_location_is_a_clean_error(tmp_path):
+    from combllama.sessions.errors import SessionDatabaseError
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SessionDatabaseError, match="cannot create"):
+        SessionStore(tmp_path / "file" / "sessions.db")
+    (tmp_path / "dir.db").mkdir()
+    with pytest.raises(SessionDatabaseError):
+        SessionStore(tmp_path / "dir.db")
