@@ -138,3 +138,22 @@ def test_created_without_fts5_gets_index_when_available(db_path, monkeypatch):
     with SessionStore(db_path) as s:
         assert migrations.fts_state(s.db) == (True, True)
         assert [h.snippet for h in s.search("lighthouse")] == ["lighthouse keeper"]
+
+
+def test_usable_where_the_fts_module_really_is_missing(db_path, monkeypatch):
+    """Not just a flag: the index table's module is made unknown to SQLite (as in a build without FTS5),
+    and appends, clear and delete still work once the store has detached the triggers."""
+    with SessionStore(db_path) as s:
+        s.create("c")
+        s.append_turn("c", "lighthouse", "x")
+    with closing(sqlite3.connect(db_path, isolation_level=None)) as db:
+        db.execute("PRAGMA writable_schema = ON")
+        db.execute("UPDATE sqlite_master SET sql = replace(sql, 'USING fts5(', 'USING nosuchmodule(')"
+                   " WHERE name = 'turns_fts'")
+    monkeypatch.setattr(migrations, "fts5_available", lambda db: False)
+    with SessionStore(db_path) as s:
+        assert s.append_turn("c", "foghorn", "y").seq == 2
+        assert [h.turn.seq for h in s.search("foghorn")] == [2]
+        assert s.clear("c") == 2
+        s.delete("c")
+        assert s.list() == []
