@@ -15,6 +15,10 @@ class SessionNotFoundError(SessionError):
     exit_code = 3
 
 
+class MemoryNotAttachedError(SessionNotFoundError):
+    """The session does not reference a memory of that name."""
+
+
 class SessionExistsError(SessionError):
     """A session of that name already exists (names are unique, case-insensitively)."""
 

@@ -20,18 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from . import migrations
-from .errors import (SessionBusyError, SessionDatabaseError, SessionError, SessionExistsError, SessionNameError,
-                     SessionNotFoundError, SessionValueError)
+from .errors import (MemoryNotAttachedError, SessionBusyError, SessionDatabaseError, SessionError,
+                     SessionExistsError, SessionNameError, SessionNotFoundError, SessionValueError)
 from .ids import check_name, looks_like_ulid, new_ulid, slugify, utc_now, with_suffix
 from .records import MemoryRef, SearchHit, Session, Turn
 
 PLACEHOLDER_NAME = "untitled"
 MAX_SEARCH_TERMS = 32
 _UNSET: Any = object()
-
-
-class MemoryNotAttachedError(SessionNotFoundError):
-    """The session does not reference a memory of that name."""
 
 
 class SessionStore:

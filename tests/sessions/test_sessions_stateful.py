@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from combllama.sessions import ids
-from combllama.sessions.errors import SessionExistsError, SessionNotFoundError
-from combllama.sessions.store import MemoryNotAttachedError, SessionStore
+from combllama.sessions.errors import MemoryNotAttachedError, SessionExistsError, SessionNotFoundError
+from combllama.sessions.store import SessionStore
 
 # Few distinct names, so collisions (also case-only ones, and with "untitled") happen often.
 NAMES = st.sampled_from(["book", "Book", "repo", "notes", "untitled", "untitled-2", "chat", "q"])

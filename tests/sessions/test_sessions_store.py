@@ -9,10 +9,10 @@ from dataclasses import FrozenInstanceError, replace
 import pytest
 
 from combllama.sessions import ids
-from combllama.sessions.errors import (SessionBusyError, SessionError, SessionExistsError, SessionNameError,
-                                       SessionNotFoundError, SessionValueError)
+from combllama.sessions.errors import (MemoryNotAttachedError, SessionBusyError, SessionError, SessionExistsError,
+                                       SessionNameError, SessionNotFoundError, SessionValueError)
 from combllama.sessions.records import MemoryRef, Session, Turn
-from combllama.sessions.store import MemoryNotAttachedError, SessionStore
+from combllama.sessions.store import SessionStore
 
 
 def test_error_exit_codes():
