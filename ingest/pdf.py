@@ -80,7 +80,10 @@ def _death(returncode: int, options: IngestOptions) -> str:
         sig = -returncode
         if sig == signal.SIGXCPU:
             return f"CPU time limit of {math.ceil(options.pdf_timeout_s) + 1} s reached"
-        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
         return f"extraction process killed by {name}; memory limit {options.pdf_memory_bytes:,} bytes"
     return f"extraction process exited with status {returncode} and no result"
 
