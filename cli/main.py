@@ -17,6 +17,13 @@ COMMANDS = {
     "ask": "combllama.cli.ask_cmd:ask",
     "info": "combllama.cli.info_cmd:info",
     "methods": "combllama.cli.info_cmd:methods",
+    "chat": "combllama.cli.chat_cmd:chat",
+    "sessions": "combllama.cli.sessions_cmd:sessions",
+    "count": "combllama.cli.count_cmd:count",
+    "memories": "combllama.cli.memories_cmd:memories",
+    "models": "combllama.cli.misc_cmd:models",
+    "paths": "combllama.cli.misc_cmd:paths",
+    "doctor": "combllama.cli.misc_cmd:doctor",
 }
 
 EXIT_CODES = """\b
@@ -24,6 +31,24 @@ Exit codes:
   0 ok · 1 internal error · 2 usage error · 3 bad input · 4 resource limit
   5 memory from another model · 6 corrupt memory · 7 memory from a newer combllama
   8 not a combllama memory · 75 busy (locked by another process) · 130 interrupted"""
+
+
+class UserError(click.ClickException):
+    """A typed error of core, ingest or sessions on its way out: one line on stderr, its exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        from .render import error
+
+        error(self.message)
+
+
+def _is_typed(e: BaseException) -> bool:
+    """Errors of our packages that carry an exit code (core.errors, ingest.errors, sessions.errors)."""
+    return isinstance(getattr(e, "exit_code", None), int) and type(e).__module__.startswith("combllama.")
 
 
 class LazyGroup(click.Group):
@@ -35,7 +60,30 @@ class LazyGroup(click.Group):
         if target is None:
             return None
         module, attr = target.split(":")
-        return getattr(importlib.import_module(module), attr)
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            return None  # a command whose module is not written yet
+
+    def invoke(self, ctx):
+        """The one place where failures become messages and exit codes."""
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            raise UserError("interrupted", 130) from None
+        except BrokenPipeError:
+            sys.stderr.close()  # `combllama ... | head` closed the pipe: not an error worth a message
+            raise click.exceptions.Exit(0) from None
+        except Exception as e:
+            if _is_typed(e):
+                raise UserError(str(e), e.exit_code) from None
+            if (ctx.obj or {}).get("verbose"):
+                raise
+            raise UserError(f"internal error: {type(e).__name__}: {e} (run with -v for the traceback)", 1) from None
 
 
 @click.group(cls=LazyGroup, epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"],
@@ -54,34 +102,6 @@ def cli(ctx, verbose):
     ctx.ensure_object(dict)["verbose"] = verbose
 
 
-def _fail(message: str, code: int) -> None:
-    from .render import error
-
-    error(message)
-    sys.exit(code)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
-    from ..core.errors import CombllamaError
-
-    verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
-    try:
-        cli.main(args=argv, prog_name="combllama", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        _fail("interrupted", 130)
-    except BrokenPipeError:
-        sys.stderr.close()  # a closed pipe (`| head`) is not an error worth a message
-        sys.exit(0)
-    except Exception as e:  # typed errors of core, ingest and sessions carry their exit code
-        code = getattr(e, "exit_code", None)
-        if isinstance(e, CombllamaError) or (isinstance(code, int) and type(e).__module__.startswith("combllama.")):
-            _fail(str(e), code)
-        if verbose:
-            raise
-        _fail(f"internal error: {type(e).__name__}: {e} (run with -v for the traceback)", 1)
+    cli.main(args=argv, prog_name="combllama")
