@@ -120,9 +120,11 @@ class Method:
         return total_tokens
 
 
-def prefill(model, ids: list[int], cache, start_pos: int, physical_start: int | None = None):
+def prefill(model, ids: list[int], cache, start_pos: int, physical_start: int | None = None,
+            all_logits: bool = False):
     """Run `ids` through the model on top of `cache` at positions start_pos.. and return the logits
-    of the last token. Positions are explicit because compressed caches are shorter than the text."""
+    of the last token [vocab] (or of every token [len(ids), vocab] with `all_logits`, for teacher
+    forcing). Positions are explicit because compressed caches are shorter than the text."""
     import torch
 
     device = model.device
@@ -132,8 +134,8 @@ def prefill(model, ids: list[int], cache, start_pos: int, physical_start: int | 
     cpos = torch.arange(phys, phys + len(ids), device=device)
     with torch.inference_mode():
         out = model(input_ids=x, past_key_values=cache, position_ids=pos, cache_position=cpos, use_cache=True,
-                    logits_to_keep=1)
-    return out.logits[0, -1]
+                    logits_to_keep=0 if all_logits else 1)
+    return out.logits[0] if all_logits else out.logits[0, -1]
 
 
 def layer_kv(cache, layer: int):
