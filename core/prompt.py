@@ -20,8 +20,10 @@ class Turn:
     answer: str
 
 
-def _render(tokenizer, system: str, turns: list[Turn], question: str | None) -> str:
-    messages = [{"role": "system", "content": system + _PLACEHOLDER}]
+def _render(tokenizer, system: str, turns: list[Turn], question: str | None, instructions: str = "") -> str:
+    # Instructions added after ingest follow the document inside the same system turn (the memory is sealed).
+    tail = f"\n\n{instructions}" if instructions else ""
+    messages = [{"role": "system", "content": system + _PLACEHOLDER + tail}]
     for t in turns:
         messages += [{"role": "user", "content": t.question}, {"role": "assistant", "content": t.answer}]
     if question is not None:
@@ -45,8 +47,10 @@ def memory_prefix_ids(tokenizer, system: str = DEFAULT_SYSTEM) -> list[int]:
     return _encode(tokenizer, rendered.split(_PLACEHOLDER)[0])
 
 
-def turn_ids(tokenizer, question: str, history: list[Turn] = (), system: str = DEFAULT_SYSTEM) -> list[int]:
-    """Ids that follow the memory: end of the system turn, earlier turns, the question, the
-    assistant header. `history` is oldest first."""
-    rendered = _render(tokenizer, system, list(history), question)
+def turn_ids(tokenizer, question: str, history: list[Turn] = (), system: str = DEFAULT_SYSTEM,
+             instructions: str = "") -> list[int]:
+    """Ids that follow the memory: end of the system turn (with extra `instructions`, e.g. chat
+    --system, after the document), earlier turns, the question, the assistant header. `history` is
+    oldest first."""
+    rendered = _render(tokenizer, system, list(history), question, instructions)
     return _encode(tokenizer, rendered.split(_PLACEHOLDER, 1)[1])
