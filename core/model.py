@@ -193,6 +193,106 @@ def load_model(spec: ModelSpec, paths: Paths | None = None,
     return LoadedModel(model, tokenizer, fp, name, device, dtype, time.perf_counter() - t0)
 
 
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """A model's tokenizer and the config numbers that size its KV cache, read without any weights."""
+
+    tokenizer: Any
+    name: str
+    directory: Path  # where the tokenizer was read from
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    window: int  # max_position_embeddings
+    kv_dtype: str  # what a memory written with this spec would store: "float32", "bfloat16"...
+    dtype_bytes: int
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of one token's keys and values over all layers: layers × 2 × kv_heads × head_dim × dtype."""
+        return self.n_layers * 2 * self.n_kv_heads * self.head_dim * self.dtype_bytes
+
+
+def embedded_cache_dirs(paths: Paths) -> tuple[Path, Path]:
+    """(converted model, tokenizer only) directories of the embedded model in the cache; either may not
+    exist yet. A directory is ready when it holds a COMPLETE file."""
+    size = embedded_gguf().stat().st_size
+    return paths.cache / "models" / f"{EMBEDDED}-{size}", paths.cache / "models" / f"{EMBEDDED}-{size}-tokenizer"
+
+
+def embedded_tokenizer_dir(paths: Paths) -> Path:
+    """Tokenizer and config.json of the embedded model, in the cache, without dequantizing its weights.
+
+    The converted model directory has them too; this smaller cache exists so `combllama count` never
+    pays the weight conversion. Written into a temporary directory renamed into place.
+    """
+    gguf = embedded_gguf()
+    size = gguf.stat().st_size
+    converted, target = embedded_cache_dirs(paths)
+    if (converted / "COMPLETE").is_file():
+        return converted
+    if (target / "COMPLETE").is_file():
+        return target
+    from filelock import FileLock
+
+    paths.ensure(target.parent)
+    with FileLock(str(target) + ".lock", timeout=600):
+        if (target / "COMPLETE").is_file():
+            return target
+        from transformers import AutoConfig, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        # Both read the GGUF's metadata and tokenizer tables only; no tensor is dequantized.
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(tmp))
+        config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name).to_dict()
+        config.pop("quantization_config", None)
+        config["_name_or_path"] = EMBEDDED
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "COMPLETE").write_text(json.dumps({"gguf": str(gguf), "size": size, "weights": False}))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    return target
+
+
+def model_config(directory: Path) -> dict:
+    """config.json of a model directory, checked to be a supported Llama-family decoder."""
+    if not (directory / "config.json").is_file():
+        raise BadInputError(f"{directory}: not a Hugging Face model directory (no config.json)")
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"{directory}/config.json: unreadable ({e})") from None
+    if config.get("model_type") not in SUPPORTED_TYPES:
+        raise BadInputError(f"{directory}: model type {config.get('model_type')!r} is not Llama-family "
+                            f"(supported: {', '.join(SUPPORTED_TYPES)})")
+    return config
+
+
+def load_tokenizer(spec: ModelSpec, paths: Paths | None = None) -> TokenizerInfo:
+    """The tokenizer of `spec` and its KV geometry, never loading weights (for counting and sizing)."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    paths = paths or Paths.from_env()
+    if spec.path is None:
+        directory, name = embedded_tokenizer_dir(paths), EMBEDDED
+    else:
+        directory = Path(spec.path).expanduser()
+        name = directory.name
+    c = model_config(directory)
+    dtype = resolve_dtype(spec, resolve_device(spec))
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    return TokenizerInfo(AutoTokenizer.from_pretrained(str(directory)), name, directory,
+                         int(c["num_hidden_layers"]), int(c.get("num_key_value_heads") or c["num_attention_heads"]),
+                         int(head_dim), int(c["max_position_embeddings"]), str(dtype).removeprefix("torch."),
+                         dtype.itemsize)
+
+
 def fingerprint(model, tokenizer) -> str:
     """`cmfp1:` + sha256 over the KV-shaping config, tokenizer, chat template and sampled weights.
 
