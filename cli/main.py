@@ -100,6 +100,9 @@ def cli(ctx, verbose):
       combllama ask notes.txt "Summary?"  # ingests on the fly, reuses by content hash
     """
     ctx.ensure_object(dict)["verbose"] = verbose
+    from .config import install
+
+    install(ctx)  # config.toml defaults for the command about to run (docs/cli.md "Configuration")
 
 
 def main(argv: list[str] | None = None) -> None:

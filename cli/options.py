@@ -7,17 +7,17 @@ import click
 
 
 def model_options(f):
-    @click.option("--model", "model_path", metavar="PATH", default=None,
+    @click.option("--model", "model", metavar="PATH", default=None,
                   help="Local Hugging Face Llama-family directory (default: the embedded SmolLM2-135M-Instruct).")
     @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
     @click.option("--dtype", default="auto", show_default=True,
                   type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
                   help="auto: bfloat16 on CUDA, float32 on CPU.")
     @functools.wraps(f)
-    def wrapper(*args, model_path, device, dtype, **kwargs):
+    def wrapper(*args, model, device, dtype, **kwargs):
         from ..core.model import ModelSpec
 
-        return f(*args, spec=ModelSpec(model_path, device, dtype), **kwargs)
+        return f(*args, spec=ModelSpec(model, device, dtype), **kwargs)
 
     return wrapper
 
