@@ -100,7 +100,7 @@ def plan_memory(loaded: LoadedModel, document, method: Method, config: EncodeCon
         "source": {"name": document.name, "kind": document.kind, "sha256": document.sha256,
                    "doc_tokens": len(tok.ids), "doc_start": a, "doc_end": b,
                    "skipped": [s.to_dict() for s in document.skipped][:1000], "warnings": document.warnings[:1000]},
-        "positions": {"logical_length": len(ids), "layout": "original"},
+        "positions": {"logical_length": len(ids), "layout": method.layout(len(ids), loaded.window, config.reserve)},
         "planned_chunks": len(spans),
     }
     key_parts = {k: header[k] for k in ("model", "kv_dtype", "method", "chunking", "prompt")}

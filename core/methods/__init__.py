@@ -5,10 +5,12 @@ from __future__ import annotations
 from ..errors import UnknownMethodError
 from .base import Budget, Encoder, KVMemory, Method, Options
 from .full import Full
+from .kvcompose import KVCompose
 from .truncate import Truncate
 
 METHODS: dict[str, type[Method]] = {
     Full.name: Full,
+    KVCompose.name: KVCompose,
     Truncate.name: Truncate,
 }
 

@@ -119,6 +119,11 @@ class Method:
         """Estimated KV entries kept per layer for a memory of `total_tokens` (for size planning)."""
         return total_tokens
 
+    def layout(self, total_tokens: int, window: int, reserve: int) -> str:
+        """Position layout recorded in the manifest: "original" (stored positions are used as they are) or
+        "compact" (attach re-rotates keys to positions that fit the window)."""
+        return "original"
+
 
 def prefill(model, ids: list[int], cache, start_pos: int, physical_start: int | None = None,
             all_logits: bool = False):
@@ -133,8 +138,10 @@ def prefill(model, ids: list[int], cache, start_pos: int, physical_start: int | 
     pos = torch.arange(start_pos, start_pos + len(ids), device=device)[None]
     cpos = torch.arange(phys, phys + len(ids), device=device)
     with torch.inference_mode():
+        # A cache may carry attention kwargs (a ragged memory's key masks, see methods/kvcompose.py).
+        extra = getattr(cache, "attention_kwargs", None) or {}
         out = model(input_ids=x, past_key_values=cache, position_ids=pos, cache_position=cpos, use_cache=True,
-                    logits_to_keep=0 if all_logits else 1)
+                    logits_to_keep=0 if all_logits else 1, **extra)
     return out.logits[0] if all_logits else out.logits[0, -1]
 
 
