@@ -60,21 +60,24 @@ def _known(store, loaded, target, method) -> bool:
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--seed", default=None, type=int, help="Seed for sampling.")
 @click.option("--stats", is_flag=True, help="Print token counts and speeds on stderr after the answer.")
+@click.option("--no-cite", is_flag=True, help="Do not compute or print the sources of the answer.")
 @click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")
 @model_options
 @json_option
-def ask(target, question, method, budget, max_tokens, temperature, top_p, seed, stats, quiet, spec, as_json):
+def ask(target, question, method, budget, max_tokens, temperature, top_p, seed, stats, no_cite, quiet, spec, as_json):
     """Answer QUESTION from the memory NAME, or from the file PATH (ingested now, or reused).
 
     \b
       combllama ask book "Who keeps the lighthouse?"
       combllama ask notes.txt "What did we decide about the budget?" --json
     """
-    from ..core.engine import Engine, GenerateOptions
+    from ..core.chat import Conversation, combine
+    from ..core.engine import GenerateOptions
     from ..core.methods import from_manifest
     from ..core.prompt import turn_ids
     from ..core.tokenize import StreamDecoder
     from .render import note, safe
+    from .sources import print_sources, source_records
 
     options = GenerateOptions(max_tokens, temperature, top_p, seed)
     t0 = time.perf_counter()
@@ -84,12 +87,14 @@ def ask(target, question, method, budget, max_tokens, temperature, top_p, seed, 
     t1 = time.perf_counter()
     memory = from_manifest(reader.manifest).attach(loaded.model, reader.manifest, reader.chunks())
     attach_s = time.perf_counter() - t1
-    engine = Engine(loaded.model, memory, loaded.eos_ids)
+    conv = Conversation(loaded, combine(loaded, [(reader.name, reader.manifest, memory)]))
+    engine = conv.engine
     ids = turn_ids(loaded.tokenizer, question)
     decoder = StreamDecoder(loaded.tokenizer)
-    pieces = []
+    pieces, tokens = [], []
     tty = sys.stdout.isatty()
     for token in engine.generate(ids, options):
+        tokens.append(token)
         piece = decoder.feed(token)
         pieces.append(piece)
         if not as_json and piece:
@@ -97,16 +102,21 @@ def ask(target, question, method, budget, max_tokens, temperature, top_p, seed, 
             sys.stdout.flush()
     answer = "".join(pieces) + decoder.flush()
     st = engine.stats.to_dict()
+    cited = [] if no_cite else conv.cite(ids, tokens)
     record = {"memory": reader.name, "model": loaded.name, "question": question, "answer": answer,
               "usage": {"question_tokens": len(ids), "memory_tokens": memory.logical_length,
                         "output_tokens": st["new_tokens"]},
               "timings": {"load_s": round(loaded.load_seconds, 3), "attach_s": round(attach_s, 3),
                           "total_s": round(time.perf_counter() - t0, 3), **st},
               "ingested": bool(ingested and not ingested.reused)}
+    if not no_cite:
+        record["sources"] = source_records(cited)
     if as_json:
         click.echo(json.dumps(record, indent=2, ensure_ascii=False))
         return
     sys.stdout.write("\n")
+    if not quiet:
+        print_sources(cited)
     if stats and not quiet:
         note(f"question {len(ids)} tok · memory {memory.logical_length:,} tok · prefill {st['prefill_s']:.2f} s "
              f"({st['prefill_tok_s'] or 0:,.0f} tok/s) · decode {st['new_tokens']} tok "
