@@ -51,9 +51,29 @@ class GenerationStats:
 
 
 class Engine:
-    def __init__(self, model, memory: KVMemory, eos_ids: list[int]):
+    """`fast`: None (default) takes core/fast's static-cache, CUDA-graph path when the model is on CUDA
+    and the memory is a plain cache of equal-length layers (COMBLLAMA_FAST=0 turns that off); True
+    takes it wherever it applies (on a CPU without graphs); False never does. Answers are the same."""
+
+    def __init__(self, model, memory: KVMemory, eos_ids: list[int], fast: bool | None = None):
         self.model, self.memory, self.eos_ids = model, memory, set(eos_ids)
+        self.fast = fast
         self.stats = GenerationStats()
+
+    def _fast_decoder(self, capacity: int):
+        """core/fast's decoder for this memory, or None when the plain path answers."""
+        import os
+
+        if self.fast is False:
+            return None
+        if self.fast is None and (self.model.device.type != "cuda" or os.environ.get("COMBLLAMA_FAST") == "0"):
+            return None
+        from .fast.decode import eligible, fast_decoder
+        from .fast.static_cache import uniform_length
+
+        if eligible(self.model) is not None or uniform_length(self.memory) is None:
+            return None
+        return fast_decoder(self.model, self.memory, capacity)
 
     @property
     def window(self) -> int:
@@ -76,13 +96,17 @@ class Engine:
         t0 = time.perf_counter()
         pos = mem.logical_length
         phys = mem.lengths[0]
+        fast = self._fast_decoder(len(ids) + budget)
+        st.extra["path"] = "plain" if fast is None else f"fast ({fast.backend}{', cuda graph' if fast.use_graph else ''})"
         try:
-            logits = prefill(self.model, ids, mem.cache, pos, phys)
+            logits = prefill(self.model, ids, mem.cache, pos, phys) if fast is None else fast.prefill(ids, pos)
             pos, phys = pos + len(ids), phys + len(ids)
             st.prefill_seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
             for i in range(budget):
-                token = sample(logits.float().cpu(), options.temperature, options.top_p, gen)
+                # Greedy picks on the device (the same argmax) and copies one integer, not the vocabulary.
+                token = sample(logits if options.temperature <= 0 else logits.float().cpu(), options.temperature,
+                               options.top_p, gen)
                 if token in self.eos_ids:
                     st.stop = "eos"
                     break
@@ -93,8 +117,14 @@ class Engine:
                 if i + 1 == budget:
                     st.stop = "length"
                     break
-                logits = prefill(self.model, [token], mem.cache, pos, phys)
+                if fast is None:
+                    logits = prefill(self.model, [token], mem.cache, pos, phys)
+                else:
+                    logits = fast.step(token, pos)
                 pos, phys = pos + 1, phys + 1
             st.decode_seconds = time.perf_counter() - t1
         finally:
-            trim_cache(mem.cache, mem.lengths)
+            if fast is None:
+                trim_cache(mem.cache, mem.lengths)
+            else:
+                fast.static.reset()

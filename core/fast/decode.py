@@ -1,0 +1,168 @@
+"""The fast answering path: a Llama forward over a StaticKV, batch 1, with the decode step captured
+in a CUDA graph.
+
+It reuses the model's own modules (projections, norms, MLP, rotary embedding) and replaces only the
+cache and attention plumbing: the memory part goes through one fused kernel (fast/attention.py), the
+turn's own tokens through a small masked part, merged exactly by log-sum-exp. A decode step then has
+fixed shapes and addresses, so one graph replay per token removes the launch overhead that dominates
+plain transformers at batch 1. Knows nothing of files, text or sampling.
+"""
+from __future__ import annotations
+
+from . import attention
+
+SUPPORTED = ("llama",)
+
+
+def eligible(model) -> str | None:
+    """None when the fast path can run `model`, else why not."""
+    c = model.config
+    if c.model_type not in SUPPORTED:
+        return f"model type {c.model_type!r} (fast path: {', '.join(SUPPORTED)})"
+    if getattr(c, "sliding_window", None):
+        return "sliding-window attention"
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not layers or not hasattr(layers[0], "self_attn") or not hasattr(model.model, "rotary_emb"):
+        return "unexpected module layout"
+    return None
+
+
+class FastDecoder:
+    """prefill(ids, pos) and step(token, pos) → logits [vocab] of the last token; tokens are written to
+    `static`'s turn slots in order. `use_graph` captures the step on first use (CUDA only)."""
+
+    def __init__(self, model, static, *, use_graph: bool | None = None, backend: str | None = None):
+        import torch
+
+        why = eligible(model)
+        if why is not None:
+            raise ValueError(f"fast decoding does not support this model: {why}")
+        self.model, self.static = model, static
+        dev, dt = static.mem_k[0].device, static.mem_k[0].dtype
+        self.backend = attention.choose(dev.type, dt, backend)
+        self.use_graph = dev.type == "cuda" if use_graph is None else bool(use_graph and dev.type == "cuda")
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        self._rope = apply_rotary_pos_emb
+        self._tok = torch.zeros((1, 1), dtype=torch.long, device=dev)
+        self._pos = torch.zeros((1, 1), dtype=torch.long, device=dev)
+        self._graph = None
+        self._graph_key = None
+        self._logits = None
+
+    # -- the forward ---------------------------------------------------------------------------------
+    def _forward(self, ids, pos, slot, decode: bool):
+        """ids, pos: [1, T] device tensors. Writes K/V at turn slots [slot, slot + T) (`slot` an int, or
+        the 0-d device tensor `static.used_t` when decode). Returns logits [1, vocab] of the last token."""
+        import torch
+
+        m, st = self.model, self.static
+        inner = m.model
+        h = inner.embed_tokens(ids)  # [1, T, hidden]
+        cos, sin = inner.rotary_emb(h, pos)
+        T = ids.shape[1]
+        M = st.memory_length
+        for li, layer in enumerate(inner.layers):
+            a = layer.self_attn
+            x = layer.input_layernorm(h)
+            hd = a.head_dim
+            q = a.q_proj(x).view(1, T, -1, hd).transpose(1, 2)  # [1, Hq, T, D]
+            k = a.k_proj(x).view(1, T, -1, hd).transpose(1, 2)  # [1, Hkv, T, D]
+            v = a.v_proj(x).view(1, T, -1, hd).transpose(1, 2)
+            q, k = self._rope(q, k, cos, sin)
+            tk, tv = st.tail_k[li], st.tail_v[li]
+            if decode:
+                tk.index_copy_(2, slot.view(1), k)
+                tv.index_copy_(2, slot.view(1), v)
+                o, lse = attention.masked_tail(q, tk, tv, slot + 1, scale=a.scaling)
+            else:
+                tk[:, :, slot:slot + T] = k
+                tv[:, :, slot:slot + T] = v
+                if slot == 0:  # the turn so far is exactly these tokens: a causal fused kernel
+                    o, lse = attention.attend(q, k, v, scale=a.scaling, causal=True, backend=self.backend)
+                else:
+                    o, lse = attention.masked_tail(q, tk, tv, slot + T, scale=a.scaling)
+            if M:
+                om, lm = attention.attend(q, st.mem_k[li], st.mem_v[li], scale=a.scaling, backend=self.backend)
+                o, _ = attention.merge(om, lm, o, lse)
+            o = o.transpose(1, 2).reshape(1, T, -1)  # [1, T, Hq*D]
+            h = h + a.o_proj(o)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = inner.norm(h[:, -1:])
+        return m.lm_head(h)[:, -1]  # [1, vocab]
+
+    # -- public --------------------------------------------------------------------------------------
+    def prefill(self, ids: list[int], pos: int):
+        """Run the turn's prompt `ids` at logical positions pos.. after the current turn slots."""
+        import torch
+
+        st = self.static
+        if st.used + len(ids) > st.capacity:
+            raise ValueError(f"turn buffer full ({st.used} + {len(ids)} > {st.capacity})")
+        dev = st.mem_k[0].device
+        x = torch.tensor([ids], dtype=torch.long, device=dev)
+        p = torch.arange(pos, pos + len(ids), device=dev)[None]
+        with torch.no_grad():
+            logits = self._forward(x, p, st.used, decode=False)[0]
+        st.used += len(ids)
+        st.used_t.fill_(st.used)
+        return logits
+
+    def step(self, token: int, pos: int):
+        """One decode step for `token` at logical position `pos`; returns logits [vocab] (a buffer that
+        the next step overwrites when graphs are used)."""
+        import torch
+
+        st = self.static
+        if st.used + 1 > st.capacity:
+            raise ValueError(f"turn buffer full ({st.capacity} slots)")
+        self._tok.fill_(token)
+        self._pos.fill_(pos)
+        with torch.no_grad():
+            if not self.use_graph:
+                out = self._forward(self._tok, self._pos, st.used_t, decode=True)[0]
+            else:
+                if self._graph is None or self._graph_key != (st.generation, id(st)):
+                    self._capture()
+                self._graph.replay()
+                out = self._logits[0]
+        st.used += 1
+        st.used_t.fill_(st.used)
+        return out
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (allocator, kernel selection), then record one step. Warm-up runs
+        the real step (same slot, same inputs), so it leaves no trace beyond what the replay writes."""
+        import torch
+
+        st = self.static
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                self._forward(self._tok, self._pos, st.used_t, decode=True)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._logits = self._forward(self._tok, self._pos, st.used_t, decode=True)
+        self._graph, self._graph_key = graph, (st.generation, id(st))
+
+
+def fast_decoder(model, memory, capacity: int, *, use_graph: bool | None = None) -> FastDecoder:
+    """The decoder serving `memory` (a plain KVMemory) with room for `capacity` turn tokens, kept on the
+    memory's cache so that every Engine over the same memory shares its buffers and captured graph."""
+    from .static_cache import StaticKV
+
+    cache = memory.cache
+    dec = getattr(cache, "_combllama_fast", None)
+    if dec is None or dec.model is not model or dec.static.memory_length != memory.lengths[0]:
+        static = getattr(cache, "_combllama_static", None)
+        if static is None or static.memory_length != memory.lengths[0]:
+            static = StaticKV.adopt(memory, max(capacity, 256))
+        dec = FastDecoder(model, static, use_graph=use_graph)
+        cache._combllama_fast = dec
+    if use_graph is not None:
+        dec.use_graph = bool(use_graph and dec.static.mem_k[0].is_cuda)
+    dec.static.ensure_capacity(capacity)
+    dec.static.reset()
+    return dec
