@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import BadInputError, InterruptedError_
+from .fast.pipeline import pipelined
 from .memory.bundle import MemoryReader, MemoryWriter
 from .memory.format import canonical_json
 from .memory.store import MemoryStore, check_name, name_from
@@ -144,7 +145,8 @@ def ingest(loaded: LoadedModel, document, method: Method, store: MemoryStore, *,
     else:
         writer = MemoryWriter.create(root, {"name": name, **plan.header}, plan.ids)
 
-    with writer:
+    # On CUDA, chunk i is written by a background thread while chunk i+1 computes (core/fast/pipeline.py).
+    with pipelined(writer, loaded.device) as writer:
         resumed = writer.next_seq > 0
         encoder = method.encoder(loaded.model, len(plan.ids))
         chunks = [Chunk(i, s, e, tuple(plan.ids[s:e])) for i, (s, e) in enumerate(plan.spans)]
