@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from ..errors import UnknownMethodError
 from .base import Budget, Encoder, KVMemory, Method, Options
+from .combllama import CombLlama
 from .full import Full
 from .kvcompose import KVCompose
 from .truncate import Truncate
 
 METHODS: dict[str, type[Method]] = {
+    CombLlama.name: CombLlama,
     Full.name: Full,
     KVCompose.name: KVCompose,
     Truncate.name: Truncate,
@@ -33,4 +35,15 @@ def from_manifest(manifest: dict) -> Method:
     return get_method(manifest["method"]["name"], params, budget)
 
 
-__all__ = ["METHODS", "Budget", "Encoder", "KVMemory", "Method", "Options", "from_manifest", "get_method"]
+def default_method(loaded, budget: Budget | None = None) -> Method:
+    """The method `ingest`/`chat` use when none is named: CombLlama where an adapter trained for this exact
+    model ships (matched by fingerprint), else `full`."""
+    from .combllama import shipped_for
+
+    if shipped_for(loaded.fingerprint) is not None:
+        return get_method(CombLlama.name, None, budget)
+    return get_method(Full.name, None, budget)
+
+
+__all__ = ["METHODS", "default_method", "Budget", "Encoder", "KVMemory", "Method", "Options", "from_manifest",
+           "get_method"]

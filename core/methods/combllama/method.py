@@ -1,0 +1,271 @@
+"""`combllama`: a chunk encoder turns each chunk of the document into key/value states for cross-attention
+blocks placed before every 4th layer of the frozen base model (COMB, arXiv 2602.01519; mission.md §3).
+
+encode: the prompt prefix (chat template + system text) is prefilled through the base model as an ordinary
+KV cache; every document chunk goes through the encoder alone (bidirectional, chunk-local positions, plus
+a chunk-index embedding), independent of the other chunks. With a --budget below 1 each cross layer keeps
+fewer tokens: KVCompose's composite-token selection (kvcompose.select_tokens) over scores from a probe in
+which the base model re-reads the chunk through its cross blocks (the KVzip-like "repeat" probe, on cross
+instead of self attention).
+
+Stored per chunk: "k.i", "v.i" [kv_heads, tokens_i, head_dim] for cross layer i (keys after k_norm), the
+adapter's sha256 "adapter" uint8 [32], and on the chunk where the prefix ends "pk", "pv" [layers, kv_heads,
+prefix, head_dim]. attach: a KV cache of the prefix (positions continue after it: the document takes no
+positions) carrying the cross memory as the forward keyword the decoder hooks read.
+"""
+from __future__ import annotations
+
+import hashlib
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...errors import BadInputError, CorruptMemoryError, IncompatibleMemoryError
+from ..base import Encoder, KVMemory, Method, Options, layer_kv, make_cache, prefill
+
+ADAPTERS = Path(__file__).resolve().parent / "adapters"  # shipped adapters, matched by base model
+_AGGS = ("max", "mean")
+_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model → {spec: (adapter, digest)}
+
+
+@dataclass(frozen=True)
+class CombLlamaOptions(Options):
+    """`adapter`: "auto" (the shipped adapter trained for this model, else the untrained initialisation),
+    "init" (untrained: zero gates, the model ignores the memory), a path to an adapter .safetensors file,
+    or a directory holding an upstream CombLlama checkpoint. `chunk_order` False gives every chunk index 0
+    (a control for the order signal). `probe_agg` aggregates probe scores over queries when pruning."""
+
+    adapter: str = "auto"
+    chunk_order: bool = True
+    probe_agg: str = "max"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.adapter, str) or not self.adapter:
+            raise BadInputError("combllama adapter must be 'auto', 'init' or a path")
+        if not isinstance(self.chunk_order, bool):
+            raise BadInputError("combllama chunk_order must be true or false")
+        if self.probe_agg not in _AGGS:
+            raise BadInputError(f"combllama probe_agg must be one of {', '.join(_AGGS)}, not {self.probe_agg!r}")
+
+
+def shipped_adapters() -> list[Path]:
+    return sorted(ADAPTERS.glob("*.safetensors")) if ADAPTERS.is_dir() else []
+
+
+def shipped_for(fingerprint: str) -> Path | None:
+    """The shipped adapter whose base model has this core.model fingerprint (None: none ships)."""
+    from .weights import read_header
+
+    for path in shipped_adapters():
+        try:
+            if read_header(path)["base_fingerprint"] == fingerprint:
+                return path
+        except BadInputError:
+            continue
+    return None
+
+
+def resolve_adapter(model, spec: str):
+    """(adapter, 32-byte digest) for `model` and an `adapter` option value; built once per model."""
+    from .modules import CombAdapter, CombConfig
+    from .weights import file_digest, load_adapter, read_header, weights_fingerprint
+
+    per_model = _cache.setdefault(model, {})
+    if spec in per_model:
+        return per_model[spec]
+    path = None
+    if spec == "auto":
+        wfp = weights_fingerprint(model)
+        path = next((p for p in shipped_adapters() if _header_weights(p, read_header) == wfp), None)
+    elif spec != "init":
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise BadInputError(f"combllama adapter {spec!r}: no such file or directory")
+    if path is None:
+        config = CombConfig.for_model(model.config)
+        adapter = CombAdapter.from_base(model, config).eval().requires_grad_(False)
+        digest = hashlib.sha256(b"combllama-init:" + config.to_json().encode()).digest()
+    elif path.is_dir():
+        from .upstream import load_upstream, upstream_digest
+
+        adapter, digest = load_upstream(path, model), upstream_digest(path)
+    else:
+        adapter, digest = load_adapter(path, model), file_digest(path)
+    per_model[spec] = (adapter, digest)
+    return adapter, digest
+
+
+def _header_weights(path, read_header) -> str | None:
+    try:
+        return read_header(path)["base_weights"]
+    except BadInputError:
+        return None
+
+
+@dataclass
+class CombMemory(KVMemory):
+    """The prefix KV cache plus the cross memory it carries (`cache.attention_kwargs`)."""
+
+    cross: object = None  # modules.CrossInput | None (a memory without document tokens)
+
+    def kv_entries(self) -> int:
+        prefix = sum(int(lay.keys.shape[1] * lay.keys.shape[2]) for lay in self.cache.layers if lay.keys is not None)
+        return prefix + (self.cross.entries() if self.cross is not None else 0)
+
+
+def probe_scores(adapter, model, ids, keys, values, agg: str):
+    """Scores [X, H, n] of a chunk's memory tokens: the base model re-reads the chunk's ids [n] through its
+    cross blocks (reading that chunk's memory keys/values [1, Hkv, n, D] per layer); each cross layer's
+    attention probabilities are aggregated over the n queries (max or mean)."""
+    import torch
+
+    from .modules import KWARG, CrossInput
+
+    scores = {}
+    D = keys[0].shape[-1]
+
+    def record(slot, q, k, mask):  # q [1, H, n, D], k [1, Hkv, n, D]
+        G = q.shape[1] // k.shape[1]
+        logits = q[0].float() @ k[0].float().repeat_interleave(G, 0).transpose(1, 2) / D ** 0.5  # [H, n, n]
+        p = logits.softmax(-1)
+        scores[slot] = p.amax(1) if agg == "max" else p.mean(1)
+
+    x = torch.tensor([ids], device=model.device)
+    pos = torch.arange(len(ids), device=model.device)[None]
+    model.model(input_ids=x, position_ids=pos, use_cache=False,
+                **{KWARG: CrossInput(adapter, keys, values, scorer=record)})
+    return torch.stack([scores[i] for i in range(len(keys))])
+
+
+class CombEncoder(Encoder):
+    def __init__(self, method: "CombLlama", model, total_tokens: int):
+        if method.n_prefix is None:
+            raise BadInputError("combllama: select() must run before encoding (core.encode.plan_memory does it)")
+        from .modules import install_hooks
+
+        self.method, self.model, self.n_prefix = method, model, method.n_prefix
+        self.adapter, self.digest = resolve_adapter(model, method.options.adapter)
+        self.keep = method.keep_fraction(total_tokens)
+        self.prefix_ids: list[int] = []
+        install_hooks(model)
+
+    def _prefix_part(self, chunk) -> int:
+        """How many of the chunk's tokens belong to the prompt prefix."""
+        return max(0, min(chunk.end, self.n_prefix) - chunk.start)
+
+    def restore(self, chunk, tensors):
+        self.prefix_ids += list(chunk.ids[:self._prefix_part(chunk)])
+
+    def encode(self, chunk):
+        import torch
+
+        from .modules import KWARG  # noqa: F401  (hooks read it; imported for clarity of the contract)
+
+        model, dev, dt = self.model, self.model.device, self.model.dtype
+        p = self._prefix_part(chunk)
+        self.prefix_ids += list(chunk.ids[:p])
+        out = {"adapter": torch.frombuffer(bytearray(self.digest), dtype=torch.uint8).clone()}
+        with torch.inference_mode():
+            if p and chunk.start + p == self.n_prefix:  # the prefix is complete: its KV cache
+                cache = make_cache([])
+                prefill(model, self.prefix_ids, cache, 0, 0)
+                n = model.config.num_hidden_layers
+                out["pk"] = torch.stack([layer_kv(cache, i)[0][0] for i in range(n)]).cpu()  # [L, Hkv, P, D]
+                out["pv"] = torch.stack([layer_kv(cache, i)[1][0] for i in range(n)]).cpu()
+            doc = list(chunk.ids[p:])
+            if doc:
+                ids = torch.tensor(doc, device=dev)
+                cu = torch.tensor([0, len(doc)], dtype=torch.int32, device=dev)
+                index = torch.full_like(ids, chunk.seq) if self.method.options.chunk_order else None
+                kv = self.adapter.encode(model, ids, cu, index)  # X × (K, V) [n, Hkv, D]
+                ks = [k.transpose(0, 1).to(dt) for k, _ in kv]  # [Hkv, n, D]
+                vs = [v.transpose(0, 1).to(dt) for _, v in kv]
+                if self.keep < 1:
+                    ks, vs = self._prune(doc, ks, vs)
+                for i, (k, v) in enumerate(zip(ks, vs)):
+                    out[f"k.{i}"], out[f"v.{i}"] = k.contiguous().cpu(), v.contiguous().cpu()
+        return out
+
+    def _prune(self, doc, ks, vs):
+        """Keep `keep` of the chunk's memory entries, allocated across cross layers by KVCompose."""
+        import torch
+
+        from ..kvcompose import KVComposeOptions, select_tokens
+
+        scores = probe_scores(self.adapter, self.model, doc, [k[None] for k in ks], [v[None] for v in vs],
+                              self.method.options.probe_agg)  # [X, H, n]
+        X, H, n = scores.shape
+        Hkv = ks[0].shape[0]
+        scores = scores.reshape(X, Hkv, H // Hkv, n).mean(2)  # per KV head, as kvpress's agg_group="mean"
+        _, kept = select_tokens(scores, self.keep, KVComposeOptions())
+        pk = [torch.stack([ks[l][j, kept[l][j]] for j in range(Hkv)]) for l in range(X)]
+        pv = [torch.stack([vs[l][j, kept[l][j]] for j in range(Hkv)]) for l in range(X)]
+        return pk, pv
+
+
+class CombLlama(Method):
+    name = "combllama"
+    summary = ("CombLlama: chunk encoder + gated cross-attention every 4th layer (a trained adapter per model; "
+               "--budget prunes the cross memory with KVCompose)")
+    Options = CombLlamaOptions
+
+    def __init__(self, options=None, budget=None):
+        super().__init__(options, budget)
+        self.n_prefix: int | None = None
+
+    def keep_fraction(self, total_tokens: int) -> float:
+        if self.budget is None:
+            return 1.0
+        if self.budget.fraction is not None:
+            return self.budget.fraction
+        return min(1.0, self.budget.tokens / max(1, total_tokens))
+
+    def select(self, n_prefix, n_doc, window, reserve):
+        if n_prefix + reserve >= window:
+            raise BadInputError(f"the model's {window}-token window leaves no room for the conversation")
+        self.n_prefix = n_prefix  # the encoder keeps these tokens as an ordinary KV cache
+        return 0, n_doc
+
+    def encoder(self, model, total_tokens):
+        return CombEncoder(self, model, total_tokens)
+
+    def memory_tokens(self, total_tokens):
+        # Cross layers sit before every 4th decoder layer: per decoder layer, a quarter of the kept tokens.
+        return max(1, int(total_tokens * self.keep_fraction(total_tokens) / 4))
+
+    def attach(self, model, manifest, blocks):
+        import torch
+
+        from .modules import KWARG, CrossInput, install_hooks
+
+        adapter, digest = resolve_adapter(model, self.options.adapter)
+        X = len(adapter.config.cross_layers)
+        dev, dt = model.device, model.dtype
+        pk = pv = None
+        keys: list[list] = [[] for _ in range(X)]
+        values: list[list] = [[] for _ in range(X)]
+        for record, t in blocks:
+            if bytes(t["adapter"].tolist()) != digest:
+                raise IncompatibleMemoryError(
+                    f"{manifest.get('name')}: encoded with another CombLlama adapter than {self.options.adapter!r} "
+                    f"resolves to now; ingest again with --force")
+            if "pk" in t:
+                pk, pv = t["pk"], t["pv"]
+            for i in range(X):
+                if f"k.{i}" in t:
+                    keys[i].append(t[f"k.{i}"])
+                    values[i].append(t[f"v.{i}"])
+        if pk is None:
+            raise CorruptMemoryError(f"{manifest.get('name')}: the prompt prefix cache is missing")
+        L = model.config.num_hidden_layers
+        if pk.shape[0] != L:
+            raise IncompatibleMemoryError(f"{manifest.get('name')}: {pk.shape[0]} layers, the model has {L}")
+        cache = make_cache([(pk[i][None].to(dev, dt), pv[i][None].to(dev, dt)) for i in range(L)])
+        P = pk.shape[2]
+        cross = None
+        if keys[0]:
+            cross = CrossInput(adapter, [torch.cat(k, 1)[None].to(dev, dt) for k in keys],
+                               [torch.cat(v, 1)[None].to(dev, dt) for v in values])
+            cache.attention_kwargs = {KWARG: cross}
+            install_hooks(model)
+        return CombMemory(cache, P, [P] * L, [], cross)

@@ -1,0 +1,365 @@
+"""CombLlama's tensor modules: low-rank linear maps over frozen copies, the bidirectional chunk encoder,
+the tanh-gated cross-attention blocks, and the decoder hooks through which a frozen base model reads a
+cross memory. Pure torch math with shapes documented.
+
+Knows nothing of files, memories or the engine (method.py) nor of training (train/). The base model is
+never modified: its parameters stay as they are, and the hooks act only when a forward call carries a
+`combllama_cross` keyword (a `CrossInput`), so without one the model is exactly the base model.
+
+Notation: d hidden size, H query heads, Hkv KV heads, D head dim, F MLP width, X cross layers,
+N packed encoder tokens, M memory tokens of one cross layer, B batch, n decoder tokens.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import BadInputError
+
+KWARG = "combllama_cross"  # the forward keyword the decoder hooks read
+
+
+def default_cross_layers(n_layers: int, every: int = 4) -> tuple[int, ...]:
+    """Decoder layers that get a cross block in front of them: every `every`-th (3, 7, 11... for 30 layers);
+    a model shallower than `every` gets one, before its last layer."""
+    layers = tuple(range(every - 1, n_layers, every))
+    return layers or (n_layers - 1,)
+
+
+@dataclass(frozen=True)
+class CombConfig:
+    """Shapes and switches of one adapter. Stored in the adapter file; `rank=0` means full weights
+    (upstream checkpoints), otherwise rank-r deltas over the copied decoder weights."""
+
+    hidden_size: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_eps: float
+    n_layers: int  # of the base decoder
+    cross_layers: tuple[int, ...]
+    rank: int = 32
+    qk_norm: bool = False  # per-head RMSNorm on cross queries and memory keys (the reference has it)
+    kv_norm: bool = True  # RMSNorm before the memory K/V projections (copied from the source layer's input norm)
+    chunk_order: bool = True  # learned chunk-index embedding added to the encoder input (§3.6 proposal 1)
+    max_chunks: int = 256  # chunk indices beyond this share the last embedding
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cross_layers", tuple(int(i) for i in self.cross_layers))
+        if not self.cross_layers or list(self.cross_layers) != sorted(set(self.cross_layers)):
+            raise BadInputError("combllama cross_layers must be distinct, ascending and non-empty")
+        if self.cross_layers[0] < 0 or self.cross_layers[-1] >= self.n_layers:
+            raise BadInputError(f"combllama cross_layers must lie in [0, {self.n_layers})")
+        if self.rank < 0 or self.max_chunks < 1:
+            raise BadInputError("combllama rank must be >= 0 and max_chunks >= 1")
+        if self.n_heads % self.n_kv_heads:
+            raise BadInputError("query heads must be a multiple of KV heads")
+
+    @classmethod
+    def for_model(cls, config, **overrides) -> "CombConfig":
+        """The config of a Llama-family transformers `config`, cross layers every 4th by default."""
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        base = dict(hidden_size=config.hidden_size, n_heads=config.num_attention_heads,
+                    n_kv_heads=config.num_key_value_heads, head_dim=head_dim,
+                    intermediate_size=config.intermediate_size, rms_eps=float(config.rms_norm_eps),
+                    n_layers=config.num_hidden_layers, cross_layers=default_cross_layers(config.num_hidden_layers))
+        return cls(**{**base, **overrides})
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CombConfig":
+        data = json.loads(text)
+        return cls(**data)
+
+
+# --- building blocks ---------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm over the last dim (statistics in float32)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class LowRankLinear(nn.Module):
+    """y = x W0ᵀ + (x Aᵀ) Bᵀ: W0 [out, in] frozen (shared with the base model, never in the state dict),
+    A [r, in] and B [out, r] trained; B starts at zero so the map starts as W0. rank 0: W0 alone."""
+
+    def __init__(self, base: torch.Tensor, rank: int):
+        super().__init__()
+        self.register_buffer("base", base.detach(), persistent=False)
+        out_f, in_f = base.shape
+        self.rank = rank
+        if rank:
+            self.A = nn.Parameter(torch.randn(rank, in_f, dtype=base.dtype, device=base.device) / math.sqrt(in_f))
+            self.B = nn.Parameter(torch.zeros(out_f, rank, dtype=base.dtype, device=base.device))
+
+    def forward(self, x):
+        y = F.linear(x, self.base)
+        if self.rank:
+            y = y + F.linear(F.linear(x, self.A), self.B)
+        return y
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), [..., d] → [..., d]."""
+
+    def __init__(self, w: dict, rank: int):
+        super().__init__()
+        self.gate = LowRankLinear(w["gate"], rank)
+        self.up = LowRankLinear(w["up"], rank)
+        self.down = LowRankLinear(w["down"], rank)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def layer_weights(layer) -> dict:
+    """The tensors of a transformers Llama decoder layer that CombLlama copies, by short name."""
+    a, m = layer.self_attn, layer.mlp
+    return {"q": a.q_proj.weight, "k": a.k_proj.weight, "v": a.v_proj.weight, "o": a.o_proj.weight,
+            "gate": m.gate_proj.weight, "up": m.up_proj.weight, "down": m.down_proj.weight,
+            "ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight}
+
+
+def rope(x, cos, sin):
+    """Rotate x [N, heads, D] by cos/sin [N, D] (Llama's rotate-half convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
+
+
+def packed_attention(q, k, v, cu_seqlens, max_len: int):
+    """Bidirectional attention inside each packed sequence: q [N, H, D], k/v [N, Hkv, D], cu_seqlens
+    int32 [S+1] (sequence starts, then N) → [N, H, D]. Flash varlen kernels on CUDA when present
+    (torch.nn.attention.varlen, else flash-attn), else SDPA with a block-diagonal mask."""
+    H, Hkv = q.shape[1], k.shape[1]
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        kr, vr = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+
+            return varlen_attn(q, kr, vr, cu_seqlens, cu_seqlens, max_len, max_len)
+        except (ImportError, TypeError, RuntimeError):
+            pass
+        try:
+            from flash_attn import flash_attn_varlen_func
+
+            return flash_attn_varlen_func(q, kr, vr, cu_seqlens, cu_seqlens, max_len, max_len, causal=False)
+        except ImportError:
+            pass
+    N = q.shape[0]
+    if cu_seqlens.numel() == 2:
+        mask = None
+    else:
+        seq = torch.bucketize(torch.arange(N, device=q.device), cu_seqlens[1:].to(q.device), right=True)  # [N]
+        mask = (seq[:, None] == seq[None, :])[None, None]  # [1, 1, N, N]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                         attn_mask=mask, enable_gqa=H != Hkv)  # [1, H, N, D]
+    return out[0].transpose(0, 1)
+
+
+# --- encoder ------------------------------------------------------------------------------------------------
+
+class EncoderLayer(nn.Module):
+    """A Llama decoder layer made bidirectional and chunk-local: [N, d] → [N, d]."""
+
+    def __init__(self, c: CombConfig, w: dict):
+        super().__init__()
+        self.c = c
+        self.ln1 = RMSNorm(w["ln1"], c.rms_eps)
+        self.q, self.k, self.v, self.o = (LowRankLinear(w[n], c.rank) for n in ("q", "k", "v", "o"))
+        self.ln2 = RMSNorm(w["ln2"], c.rms_eps)
+        self.mlp = MLP(w, c.rank)
+
+    def forward(self, h, cos, sin, cu_seqlens, max_len: int):
+        c, N = self.c, h.shape[0]
+        x = self.ln1(h)
+        q = rope(self.q(x).view(N, c.n_heads, c.head_dim), cos, sin)
+        k = rope(self.k(x).view(N, c.n_kv_heads, c.head_dim), cos, sin)
+        v = self.v(x).view(N, c.n_kv_heads, c.head_dim)
+        a = packed_attention(q, k, v, cu_seqlens, max_len).reshape(N, c.n_heads * c.head_dim)
+        h = h + self.o(a)
+        return h + self.mlp(self.ln2(h))
+
+
+class MemoryProjection(nn.Module):
+    """Encoder states → one cross layer's memory: h [N, d] → K, V [N, Hkv, D] (K after k_norm, if any)."""
+
+    def __init__(self, c: CombConfig, w: dict):
+        super().__init__()
+        self.c = c
+        self.norm = RMSNorm(w["ln1"], c.rms_eps) if c.kv_norm else None
+        self.k = LowRankLinear(w["k"], c.rank)
+        self.v = LowRankLinear(w["v"], c.rank)
+        self.k_norm = RMSNorm(w.get("k_norm", torch.ones(c.head_dim, dtype=w["k"].dtype, device=w["k"].device)),
+                              c.rms_eps) if c.qk_norm else None
+
+    def forward(self, h):
+        c, N = self.c, h.shape[0]
+        x = self.norm(h) if self.norm is not None else h
+        k = self.k(x).view(N, c.n_kv_heads, c.head_dim)
+        v = self.v(x).view(N, c.n_kv_heads, c.head_dim)
+        return (self.k_norm(k) if self.k_norm is not None else k), v
+
+
+class ChunkEncoder(nn.Module):
+    """X bidirectional layers over chunks (RoPE positions restart at 0 in every chunk), one memory
+    projection after each. Token embeddings and rotary tables are the base model's (shared, not owned)."""
+
+    def __init__(self, c: CombConfig, layers: list[dict], projections: list[dict]):
+        super().__init__()
+        self.c = c
+        self.layers = nn.ModuleList(EncoderLayer(c, w) for w in layers)
+        self.proj = nn.ModuleList(MemoryProjection(c, w) for w in projections)
+        ref = layers[0]["q"]
+        self.chunk_embed = (nn.Parameter(torch.zeros(c.max_chunks, c.hidden_size, dtype=ref.dtype, device=ref.device))
+                            if c.chunk_order else None)
+
+    def forward(self, embeds, cos, sin, cu_seqlens, max_len: int, chunk_index=None):
+        """embeds [N, d]; cos/sin [N, D]; chunk_index [N] long (None: no order signal) →
+        X pairs (K, V), each [N, Hkv, D]."""
+        h = embeds
+        if self.chunk_embed is not None and chunk_index is not None:
+            h = h + self.chunk_embed[chunk_index.clamp(max=self.c.max_chunks - 1)].to(h.dtype)
+        out = []
+        for layer, proj in zip(self.layers, self.proj):
+            h = layer(h, cos, sin, cu_seqlens, max_len)
+            out.append(proj(h))
+        return out
+
+
+# --- cross attention ----------------------------------------------------------------------------------------
+
+class CrossBlock(nn.Module):
+    """h ← h + tanh(g_a)·O(attn(Q(norm h), K, V)); h ← h + tanh(g_m)·MLP(norm h). No positions inside.
+
+    h [B, n, d]; K, V [B, Hkv, M, D]; key_mask [B, M] bool (True = attend) or None."""
+
+    def __init__(self, c: CombConfig, w: dict):
+        super().__init__()
+        self.c = c
+        self.ln1 = RMSNorm(w["ln1"], c.rms_eps)
+        self.q = LowRankLinear(w["q"], c.rank)
+        self.o = LowRankLinear(w["o"], c.rank)
+        self.q_norm = RMSNorm(w.get("q_norm", torch.ones(c.head_dim, dtype=w["q"].dtype, device=w["q"].device)),
+                              c.rms_eps) if c.qk_norm else None
+        self.ln2 = RMSNorm(w["ln2"], c.rms_eps)
+        self.mlp = MLP(w, c.rank)
+        dev = w["q"].device
+        self.attn_gate = nn.Parameter(w.get("attn_gate", torch.zeros(1, device=dev)).float().clone())
+        self.mlp_gate = nn.Parameter(w.get("mlp_gate", torch.zeros(1, device=dev)).float().clone())
+
+    def queries(self, h):
+        """[B, n, d] → Q [B, H, n, D] (after q_norm, if any)."""
+        c = self.c
+        B, n, _ = h.shape
+        q = self.q(self.ln1(h)).view(B, n, c.n_heads, c.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        return q.transpose(1, 2)
+
+    def forward(self, h, k, v, key_mask=None, scorer: Callable | None = None):
+        c = self.c
+        B, n, _ = h.shape
+        q = self.queries(h)
+        if scorer is not None:
+            scorer(q, k, key_mask)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        a = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                           enable_gqa=c.n_heads != c.n_kv_heads)  # [B, H, n, D]
+        a = a.transpose(1, 2).reshape(B, n, c.n_heads * c.head_dim)
+        h = h + torch.tanh(self.attn_gate).to(h.dtype) * self.o(a)
+        return h + torch.tanh(self.mlp_gate).to(h.dtype) * self.mlp(self.ln2(h))
+
+
+class CombAdapter(nn.Module):
+    """Everything CombLlama adds to a frozen base model: encoder + cross blocks. Its state dict holds the
+    trained tensors only (low-rank factors, norms, gates, chunk embeddings); the copied decoder weights
+    stay shared with the base model."""
+
+    def __init__(self, c: CombConfig, encoder_weights: list[dict], projection_weights: list[dict],
+                 cross_weights: list[dict]):
+        super().__init__()
+        if not len(encoder_weights) == len(projection_weights) == len(cross_weights) == len(c.cross_layers):
+            raise BadInputError("combllama: one encoder layer, projection and cross block per cross layer")
+        self.config = c
+        self.encoder = ChunkEncoder(c, encoder_weights, projection_weights)
+        self.cross = nn.ModuleList(CrossBlock(c, w) for w in cross_weights)
+        self.slot = {layer: i for i, layer in enumerate(c.cross_layers)}
+
+    @classmethod
+    def from_base(cls, model, c: CombConfig) -> "CombAdapter":
+        """Encoder layer i and cross block i start as copies of decoder layer X[i]; the memory K/V
+        projections as its k_proj/v_proj, the cross Q/O as its q_proj/o_proj; gates at zero."""
+        layers = model.model.layers
+        if len(layers) != c.n_layers:
+            raise BadInputError(f"combllama adapter is for a {c.n_layers}-layer model, this one has {len(layers)}")
+        w = [layer_weights(layers[i]) for i in c.cross_layers]
+        return cls(c, w, w, w)
+
+    def encode(self, model, ids, cu_seqlens, chunk_index=None):
+        """Token ids [N] packed by cu_seqlens int32 [S+1] → X pairs (K, V) [N, Hkv, D] (chunk-local RoPE)."""
+        lens = cu_seqlens[1:] - cu_seqlens[:-1]
+        pos = torch.arange(ids.shape[0], device=ids.device) - torch.repeat_interleave(cu_seqlens[:-1].long(), lens.long())
+        embeds = model.get_input_embeddings()(ids)
+        cos, sin = model.model.rotary_emb(embeds[None], pos[None])  # [1, N, D]
+        return self.encoder(embeds, cos[0], sin[0], cu_seqlens, int(lens.max()), chunk_index)
+
+
+@dataclass
+class CrossInput:
+    """What a forward call passes as `combllama_cross`: the adapter and, per cross layer, the memory
+    K, V [B, Hkv, M_i, D] with key_mask [B, M_i] bool or None. `scorer(slot, q, k, mask)` sees each
+    cross layer's queries (for pruning)."""
+
+    adapter: CombAdapter
+    keys: list
+    values: list
+    masks: list = field(default_factory=list)
+    scorer: Any = None
+
+    def entries(self) -> int:
+        """KV entries (token × KV head) summed over cross layers."""
+        return sum(int(k.shape[0] * k.shape[1] * k.shape[2]) if m is None else int(m.sum()) * int(k.shape[1])
+                   for k, m in zip(self.keys, self.masks or [None] * len(self.keys)))
+
+
+def _pre_hook(module, args, kwargs):
+    ci = kwargs.get(KWARG)
+    if ci is None:
+        return None
+    slot = ci.adapter.slot.get(module.self_attn.layer_idx)
+    if slot is None:
+        return None
+    h = args[0] if args else kwargs["hidden_states"]
+    mask = ci.masks[slot] if ci.masks else None
+    scorer = (lambda q, k, m: ci.scorer(slot, q, k, m)) if ci.scorer is not None else None
+    h = ci.adapter.cross[slot](h, ci.keys[slot], ci.values[slot], mask, scorer)
+    if args:
+        return (h, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": h}
+
+
+def install_hooks(model) -> None:
+    """Let `model`'s decoder layers read a `combllama_cross` keyword (idempotent; no effect without it)."""
+    if getattr(model, "_combllama_hooks", None):
+        return
+    handles = [layer.register_forward_pre_hook(_pre_hook, with_kwargs=True) for layer in model.model.layers]
+    model._combllama_hooks = handles

@@ -1,0 +1,233 @@
+"""CombLlama: the untrained adapter is the base model exactly, it starts as copies of decoder layers,
+memories go through disk and back, the budget prunes the cross memory, adapters round-trip through one
+safetensors file, and the default method switches only for the model an adapter was trained for."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from combllama.core.encode import EncodeConfig, ingest
+from combllama.core.engine import Engine, GenerateOptions
+from combllama.core.errors import IncompatibleMemoryError, UnsupportedVersionError
+from combllama.core.methods import Budget, default_method, from_manifest, get_method
+from combllama.core.methods.base import prefill, trim_cache
+from combllama.core.methods.combllama import method as comb_method
+from combllama.core.methods.combllama.modules import (KWARG, CombAdapter, CombConfig, CrossInput,
+                                                      default_cross_layers, install_hooks, packed_attention)
+from combllama.core.methods.combllama.weights import (load_adapter, read_header, save_adapter,
+                                                      weights_fingerprint)
+from combllama.core.prompt import memory_prefix_ids, turn_ids
+
+
+@pytest.fixture(scope="module")
+def deep():
+    """A random 8-layer Llama (cross blocks before layers 3 and 7)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    install_hooks(model)
+    return model
+
+
+def _memory(adapter, model, ids, cu):
+    kv = adapter.encode(model, ids, cu, torch.zeros_like(ids))
+    return CrossInput(adapter, [k.transpose(0, 1)[None] for k, _ in kv], [v.transpose(0, 1)[None] for _, v in kv])
+
+
+def test_cross_layers_every_fourth():
+    assert default_cross_layers(30) == (3, 7, 11, 15, 19, 23, 27)
+    assert default_cross_layers(32) == (3, 7, 11, 15, 19, 23, 27, 31)
+    assert default_cross_layers(2) == (1,)
+
+
+def test_zero_gates_equal_the_base_model_exactly(deep):
+    adapter = CombAdapter.from_base(deep, CombConfig.for_model(deep.config))
+    # Even trained-looking factors change nothing while the gates are zero.
+    for name, p in adapter.named_parameters():
+        if name.endswith(".B") or name.endswith("chunk_embed"):
+            p.data.normal_()
+    ids = torch.randint(0, 128, (40,))
+    cross = _memory(adapter, deep, ids, torch.tensor([0, 15, 40], dtype=torch.int32))
+    x = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        plain = deep(x).logits
+        read = deep(x, **{KWARG: cross}).logits
+    assert torch.equal(plain, read)
+    for block in adapter.cross:
+        block.attn_gate.data.fill_(0.3)
+    with torch.no_grad():
+        assert not torch.allclose(deep(x, **{KWARG: cross}).logits, plain, atol=1e-4)
+        assert torch.equal(deep(x).logits, plain)  # without the keyword the hooks do nothing
+
+
+def test_layers_start_as_copies_of_their_decoder_layer(deep):
+    c = CombConfig.for_model(deep.config)
+    adapter = CombAdapter.from_base(deep, c)
+    x = torch.randn(5, 64)
+    for i, li in enumerate(c.cross_layers):
+        src = deep.model.layers[li]
+        enc, proj, cross = adapter.encoder.layers[i], adapter.encoder.proj[i], adapter.cross[i]
+        assert enc.q.base.data_ptr() == src.self_attn.q_proj.weight.data_ptr()  # shared, not copied
+        assert torch.equal(enc.mlp.down(x.new_zeros(5, 128) + 1), src.mlp.down_proj(x.new_zeros(5, 128) + 1))
+        assert torch.equal(proj.k(x), src.self_attn.k_proj(x)) and torch.equal(proj.v(x), src.self_attn.v_proj(x))
+        assert torch.equal(cross.q(x), src.self_attn.q_proj(x)) and torch.equal(cross.o(x), src.self_attn.o_proj(x))
+        assert torch.equal(proj.norm.weight, src.input_layernorm.weight)
+        assert float(cross.attn_gate.detach()) == 0.0 and float(cross.mlp_gate.detach()) == 0.0
+    # The trained state is small: no copied decoder weight is in it.
+    assert all(not k.endswith("base") for k in adapter.state_dict())
+
+
+def test_packed_chunks_encode_as_if_alone(deep):
+    adapter = CombAdapter.from_base(deep, CombConfig.for_model(deep.config))
+    ids = torch.randint(0, 128, (30,))
+    together = adapter.encode(deep, ids, torch.tensor([0, 10, 30], dtype=torch.int32))
+    alone = adapter.encode(deep, ids[10:], torch.tensor([0, 20], dtype=torch.int32))
+    for (k, v), (k1, v1) in zip(together, alone):
+        torch.testing.assert_close(k[10:], k1, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v[10:], v1, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_attention_is_block_diagonal():
+    torch.manual_seed(1)
+    q, k, v = torch.randn(9, 4, 8), torch.randn(9, 2, 8), torch.randn(9, 2, 8)
+    out = packed_attention(q, k, v, torch.tensor([0, 4, 9], dtype=torch.int32), 5)
+    ref = packed_attention(q[4:], k[4:], v[4:], torch.tensor([0, 5], dtype=torch.int32), 5)
+    torch.testing.assert_close(out[4:], ref)
+
+
+def test_chunk_order_signal_changes_the_memory(deep):
+    adapter = CombAdapter.from_base(deep, CombConfig.for_model(deep.config))
+    adapter.encoder.chunk_embed.data.normal_()
+    ids = torch.randint(0, 128, (10,))
+    cu = torch.tensor([0, 10], dtype=torch.int32)
+    first = adapter.encode(deep, ids, cu, torch.zeros(10, dtype=torch.long))[0][0]
+    second = adapter.encode(deep, ids, cu, torch.ones(10, dtype=torch.long))[0][0]
+    assert not torch.allclose(first, second)
+
+
+def _ingest(tiny, doc, store, name, params=None, budget=None, chunk_tokens=128):
+    method = get_method("combllama", params, budget)
+    result = ingest(tiny, doc, method, store, name=name, config=EncodeConfig(chunk_tokens=chunk_tokens))
+    reader = store.open(result.name)
+    return reader, from_manifest(reader.manifest).attach(tiny.model, reader.manifest, reader.chunks())
+
+
+def test_untrained_memory_answers_like_the_bare_prompt(tiny, long_doc, store):
+    reader, memory = _ingest(tiny, long_doc, store, "m", {"adapter": "init"})
+    prefix = memory_prefix_ids(tiny.tokenizer)
+    assert memory.logical_length == len(prefix) == reader.manifest["prompt"]["prefix_tokens"]
+    L, H, D = tiny.kv_shape
+    X = len(memory.cross.keys)
+    doc_tokens = reader.manifest["source"]["doc_tokens"]
+    assert all(k.shape == (1, H, doc_tokens, D) for k in memory.cross.keys)
+    assert memory.kv_entries() == L * H * len(prefix) + X * H * doc_tokens
+    q = turn_ids(tiny.tokenizer, "Which lantern hangs in room 3?")
+    answer = list(Engine(tiny.model, memory, tiny.eos_ids).generate(q, GenerateOptions(max_new_tokens=6)))
+    # Zero gates: exactly plain inference over the prompt without the document.
+    with torch.inference_mode():
+        x = torch.tensor([prefix + q])
+        plain = []
+        for _ in range(len(answer)):
+            token = int(tiny.model(input_ids=x).logits[0, -1].argmax())
+            plain.append(token)
+            x = torch.cat([x, torch.tensor([[token]])], 1)
+    assert answer == plain
+    # A second answer after trimming sees the same cache.
+    again = list(Engine(tiny.model, memory, tiny.eos_ids).generate(q, GenerateOptions(max_new_tokens=6)))
+    assert again == answer
+
+
+def test_gated_memory_reaches_the_logits(tiny, long_doc, store):
+    _, memory = _ingest(tiny, long_doc, store, "m", {"adapter": "init"})
+    q = turn_ids(tiny.tokenizer, "Which lantern?")
+    before = prefill(tiny.model, q, memory.cache, memory.logical_length, memory.lengths[0])
+    trim_cache(memory.cache, memory.lengths)
+    block = memory.cross.adapter.cross[0]
+    try:
+        block.attn_gate.data.fill_(1.0)
+        after = prefill(tiny.model, q, memory.cache, memory.logical_length, memory.lengths[0])
+    finally:
+        block.attn_gate.data.zero_()
+    assert not torch.allclose(before, after, atol=1e-5)
+
+
+def test_budget_prunes_each_cross_layer(tiny, long_doc, store):
+    reader, full = _ingest(tiny, long_doc, store, "all", {"adapter": "init"})
+    _, half = _ingest(tiny, long_doc, store, "half", {"adapter": "init"}, Budget(fraction=0.5))
+    kept = half.cross.entries()
+    assert kept <= 0.5 * full.cross.entries() + len(reader.manifest["chunks"]) * 2
+    assert kept >= 0.4 * full.cross.entries()
+    out = list(Engine(tiny.model, half, tiny.eos_ids).generate(turn_ids(tiny.tokenizer, "Which?"),
+                                                                GenerateOptions(max_new_tokens=3)))
+    assert len(out) <= 3
+
+
+def _trained_like(model, c=None):
+    torch.manual_seed(3)
+    adapter = CombAdapter.from_base(model, c or CombConfig.for_model(model.config, rank=4))
+    for name, p in adapter.named_parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    return adapter
+
+
+def test_adapter_file_round_trip(tiny, tmp_path):
+    model = tiny.model
+    adapter = _trained_like(model)
+    path = tmp_path / "a.safetensors"
+    size = save_adapter(path, adapter, base_fingerprint=tiny.fingerprint, base_weights=weights_fingerprint(model),
+                        base_name=tiny.name, info={"steps": 1})
+    assert path.stat().st_size == size
+    meta = read_header(path)
+    assert meta["config"] == adapter.config and meta["info"] == {"steps": 1}
+    loaded = load_adapter(path, model)
+    for (n, a), (n2, b) in zip(sorted(adapter.state_dict().items()), sorted(loaded.state_dict().items())):
+        assert n == n2
+        torch.testing.assert_close(a.to(torch.bfloat16).float(), b.float()) if not n.endswith("_gate") else \
+            torch.testing.assert_close(a, b)
+
+
+def test_adapter_refuses_other_model_and_newer_version(tiny, tiny_dir_other, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from combllama.core.model import ModelSpec, load_model
+
+    path = tmp_path / "a.safetensors"
+    save_adapter(path, _trained_like(tiny.model), base_fingerprint=tiny.fingerprint,
+                 base_weights=weights_fingerprint(tiny.model), base_name=tiny.name)
+    other = load_model(ModelSpec(str(tiny_dir_other), device="cpu"))
+    with pytest.raises(IncompatibleMemoryError):
+        load_adapter(path, other.model)
+    meta = read_header(path)
+    raw = {k: v for k, v in meta.items() if k not in ("config", "info")}
+    raw.update(config=meta["config"].to_json(), info="{}", version="99")
+    save_file(load_file(str(path)), str(tmp_path / "new.safetensors"), metadata=raw)
+    with pytest.raises(UnsupportedVersionError):
+        read_header(tmp_path / "new.safetensors")
+
+
+def test_default_method_switches_only_for_the_adapters_model(tiny, tiny_dir_other, tmp_path, monkeypatch,
+                                                             long_doc, store):
+    from combllama.core.model import ModelSpec, load_model
+
+    monkeypatch.setattr(comb_method, "ADAPTERS", tmp_path)
+    assert default_method(tiny).name == "full"  # nothing ships yet
+    path = tmp_path / "tiny.safetensors"
+    save_adapter(path, _trained_like(tiny.model), base_fingerprint=tiny.fingerprint,
+                 base_weights=weights_fingerprint(tiny.model), base_name=tiny.name)
+    chosen = default_method(tiny)
+    assert chosen.name == "combllama" and chosen.options.adapter == "auto"
+    other = load_model(ModelSpec(str(tiny_dir_other), device="cpu"))
+    assert default_method(other).name == "full"
+    # "auto" resolves to the shipped adapter: the memory carries its digest.
+    comb_method._cache.pop(tiny.model, None)
+    reader, memory = _ingest(tiny, long_doc, store, "d", None, chunk_tokens=256)
+    assert memory.cross.adapter.config.rank == 4
+    # The same memory is refused once "auto" resolves to another adapter.
+    path.unlink()
+    comb_method._cache.pop(tiny.model, None)
+    with pytest.raises(IncompatibleMemoryError):
+        from_manifest(reader.manifest).attach(tiny.model, reader.manifest, reader.chunks())
+    comb_method._cache.pop(tiny.model, None)
