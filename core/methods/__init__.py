@@ -6,12 +6,14 @@ from ..errors import UnknownMethodError
 from .base import Budget, Encoder, KVMemory, Method, Options
 from .combllama import CombLlama
 from .full import Full
+from .hcattention import HCAttention
 from .kvcompose import KVCompose
 from .truncate import Truncate
 
 METHODS: dict[str, type[Method]] = {
     CombLlama.name: CombLlama,
     Full.name: Full,
+    HCAttention.name: HCAttention,
     KVCompose.name: KVCompose,
     Truncate.name: Truncate,
 }

@@ -1,0 +1,270 @@
+"""hcattention: product quantization, τ selection, the read path, and encode → disk → attach against `full`."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from combllama.core.encode import EncodeConfig, ingest, plan_memory
+from combllama.core.engine import Engine, GenerateOptions
+from combllama.core.errors import BadInputError, ResourceError
+from combllama.core.methods import Budget, from_manifest, get_method
+from combllama.core.methods.base import prefill, trim_cache
+from combllama.core.methods.hcattention import accounting, serve
+from combllama.core.methods.hcattention import method as hc_method
+from combllama.core.methods.hcattention import quant as Q
+from combllama.core.methods.hcattention.read import HostRows, Layer, Store, read_layer, select
+from combllama.core.prompt import turn_ids
+
+QUESTION = "Who is the keeper of the lighthouse at Gull Point?"
+
+
+def _memory(loaded, doc, store, name, params=None, chunk_tokens=48, budget=None):
+    method = get_method(name, params, budget)
+    result = ingest(loaded, doc, method, store, name=f"{name}-{len(store.names())}",
+                    config=EncodeConfig(chunk_tokens=chunk_tokens))
+    reader = store.open(result.name)
+    assert reader.verify() == []
+    return reader, from_manifest(reader.manifest).attach(loaded.model, reader.manifest, reader.chunks())
+
+
+# --- quantization ----------------------------------------------------------------------------------------
+
+def test_kmeans_error_falls_with_more_centroids_and_codes_stay_in_range():
+    torch.manual_seed(0)
+    keys = torch.randn(2, 3, 300, 16)
+    errors = []
+    for c in (4, 16, 64, 256):
+        books = Q.calibrate(keys, 4, c, 10, 0)
+        codes = Q.encode_keys(keys, books)
+        assert books.shape == (2, 3, 4, c, 4) and codes.shape == (2, 3, 300, 4) and codes.dtype == torch.uint8
+        assert int(codes.max()) < c
+        errors.append(float(((Q.decode_keys(codes, books) - keys) ** 2).mean()))
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.1 * errors[0]
+    assert Q.code_dtype(4096) == torch.int16
+
+
+def test_kmeans_is_deterministic_and_exact_when_centroids_cover_the_points():
+    x = torch.randn(5, 40, 2)
+    a, b = Q.kmeans(x, 8, 5, seed=3), Q.kmeans(x, 8, 5, seed=3)
+    assert torch.equal(a, b)
+    cent = Q.kmeans(x, 40, 3, seed=0)  # one centroid per point
+    _, dist = Q.nearest(x, cent)
+    assert float(dist.max()) < 1e-5  # float rounding of ||x||² - 2x·c + ||c||²
+
+
+def test_lookup_table_scores_equal_dot_products_with_reconstructed_keys():
+    keys = torch.randn(1, 2, 50, 8)
+    books = Q.calibrate(keys, 2, 16, 5, 0)
+    codes = Q.encode_keys(keys, books)[0]  # [H, n, g]
+    q = torch.randn(2, 3, 8)
+    z = Q.approx_logits(q, books[0], codes, block_tokens=7)  # blocks smaller than n
+    torch.testing.assert_close(z, q @ Q.decode_keys(codes, books[0]).transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_rows_round_trip():
+    x = torch.randn(3, 10, 16) * 5
+    qx, s = Q.quantize_rows(x)
+    assert qx.dtype == torch.int8 and s.shape == (3, 10)
+    torch.testing.assert_close(Q.dequantize_rows(qx, s, torch.float32), x, atol=float(s.max()) * 0.51, rtol=0)
+
+
+# --- selection and the read path ---------------------------------------------------------------------------
+
+def test_selection_holds_tau_of_the_mass_and_is_minimal_per_row():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 1, 200) * 3
+    resident = torch.full((2, 1), -torch.inf)
+    for tau in (0.5, 0.9, 0.99):
+        mask = select(logits, resident, tau)
+        p = logits.softmax(-1)[:, 0]
+        kept = (p * mask).sum(-1)
+        assert bool((kept >= tau - 1e-6).all())
+        # minimal: dropping the smallest selected token falls below τ
+        smallest = torch.where(mask, p, torch.inf).amin(-1)
+        assert bool((kept - smallest < tau).all())
+    assert bool(select(logits, resident, 1.0).all())
+    # resident tokens holding τ already: nothing to select
+    assert not bool(select(logits, torch.full((2, 1), 50.0), 0.9).any())
+
+
+def test_gqa_selection_is_the_union_over_the_group():
+    logits = torch.full((1, 2, 6), -10.0)
+    logits[0, 0, 1] = 10.0
+    logits[0, 1, 4] = 10.0
+    mask = select(logits, torch.full((1, 2), -torch.inf), 0.9)
+    assert mask[0].nonzero().flatten().tolist() == [1, 4]
+
+
+def _synthetic_layer(H=2, n=400, D=16, sinks=2, recent=3, peak=6.0, exact_keys=True):
+    torch.manual_seed(2)
+    keys = torch.randn(H, n + sinks + recent, D)
+    vals = torch.randn(H, n + sinks + recent, D)
+    books = Q.calibrate(keys[None, :, sinks:sinks + n], 2, 64, 10, 0)[0]
+    codes = Q.encode_keys(keys[None, :, sinks:sinks + n], books[None])[0]
+    res = torch.cat([torch.arange(sinks), torch.arange(sinks + n, sinks + n + recent)])
+    lay = Layer(codes, books, HostRows(vals[:, sinks:sinks + n].contiguous()),
+                HostRows(keys[:, sinks:sinks + n].contiguous()) if exact_keys else None,
+                keys[:, res], vals[:, res])
+    q = keys[:, sinks + 17][None, :, None] * peak  # the query matches one middle key: peaked attention
+    q = q.repeat_interleave(2, 1)  # [1, Hq = 2H, 1, D]
+    return lay, keys, vals, q
+
+
+def _exact(q, keys, vals, tail_k, tail_v, scale):
+    G = q.shape[1] // keys.shape[0]
+    k = torch.cat([keys, tail_k[0]], 1).repeat_interleave(G, 0)
+    v = torch.cat([vals, tail_v[0]], 1).repeat_interleave(G, 0)
+    return ((q[0] @ k.transpose(1, 2) * scale).softmax(-1) @ v).transpose(0, 1)[None]  # [1, q, Hq, D]
+
+
+@pytest.mark.parametrize("transfer", ["gather", "host"])
+def test_read_path_matches_exact_attention(transfer):
+    lay, keys, vals, q = _synthetic_layer()
+    tail_k, tail_v = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
+    scale = 16 ** -0.5
+    ref = _exact(q, keys, vals, tail_k, tail_v, scale)
+    exact = read_layer(Store([lay], 1.0, transfer, True, torch.float32), 0, q, tail_k, tail_v, scale)
+    torch.testing.assert_close(exact, ref, rtol=1e-5, atol=1e-5)
+    st = Store([lay], 0.9, transfer, True, torch.float32)
+    out = read_layer(st, 0, q, tail_k, tail_v, scale)
+    assert st.counts["selected"] < st.counts["selectable"] // 4  # peaked: few tokens read
+    assert float((out - ref).abs().max()) < 0.1 * float(ref.abs().max())
+
+
+def test_read_path_with_approximate_weights_and_several_queries():
+    """Without exact keys the weights come from the codes (the paper's ã): at τ=1 the output is exact
+    attention over the reconstructed keys, each query position seeing the tail up to itself."""
+    lay, keys, vals, q = _synthetic_layer(exact_keys=False)
+    keys = keys.clone()
+    keys[:, 2:402] = Q.decode_keys(lay.codes, lay.codebooks)  # what the lookup tables score
+    q = torch.cat([q, q * 0.5, q * 0.1], 2)  # 3 query positions
+    tail_k, tail_v = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16)
+    scale = 16 ** -0.5
+    for transfer in ("gather", "host"):
+        out = read_layer(Store([lay], 1.0, transfer, False, torch.float32), 0, q, tail_k, tail_v, scale)
+        for i in range(3):
+            ref = _exact(q[:, :, i:i + 1], keys, vals, tail_k[:, :, :i + 1], tail_v[:, :, :i + 1], scale)
+            torch.testing.assert_close(out[:, i:i + 1], ref, rtol=1e-4, atol=1e-4)
+
+
+# --- accounting -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,tokens", [((30, 3, 64), 4096), ((30, 3, 64), 8192), ((32, 8, 128), 131072),
+                                          ((32, 8, 128), 1_000_000)])
+def test_default_settings_keep_the_device_share_at_most_one_eighth(shape, tokens):
+    L, H, D = shape
+    o = hc_method.HCAttentionOptions()
+    d = hc_method.auto_sub_dim(0.125, tokens, L, H, D, o)
+    acc = accounting(tokens, L, H, D, d, o.centroids, o.sinks, o.recent)
+    assert acc["device_share"] <= 0.125
+    assert d == 4  # g = D/4 one-byte codes: 6.25% of the KV, the rest for codebooks and the exact window
+
+
+def test_resource_check_names_what_to_change(monkeypatch):
+    monkeypatch.setattr(hc_method, "_host_available", lambda: 1024)
+    with pytest.raises(ResourceError, match="value_bits=8"):
+        hc_method.check_resources(torch.device("cpu"), {"key codes": 10}, 4096)
+
+
+def test_options_are_validated():
+    for bad in ({"tau": 0}, {"tau": 1.5}, {"sub_dim": 3}, {"value_bits": 4}, {"transfer": "pci"},
+                {"prefill": "lazy"}, {"centroids": 1}):
+        with pytest.raises(BadInputError):
+            get_method("hcattention", bad)
+
+
+# --- encode → disk → attach ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("params", [{"transfer": "gather"}, {"transfer": "host", "prefill": "exact"}])
+def test_tau_one_reproduces_full_logits_and_answer(tiny, sample_doc, store, params):
+    _, full = _memory(tiny, sample_doc, store, "full")
+    reader, hc = _memory(tiny, sample_doc, store, "hcattention",
+                         {"tau": 1.0, "recent": 8, "calib_tokens": 64, **params})
+    assert hc.logical_length == full.logical_length and hc.lengths == [0] * len(hc.lengths)
+    assert "codebooks" in reader.manifest["chunks"][1]["tensors"]  # 64 calibration tokens: the 2nd chunk
+    q = turn_ids(tiny.tokenizer, QUESTION)
+    ref = prefill(tiny.model, q, full.cache, full.logical_length, full.lengths[0])
+    got = prefill(tiny.model, q, hc.cache, hc.logical_length, hc.lengths[0])
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    trim_cache(full.cache, full.lengths)
+    trim_cache(hc.cache, hc.lengths)
+    a = list(Engine(tiny.model, full, tiny.eos_ids).generate(q, GenerateOptions(max_new_tokens=12)))
+    b = list(Engine(tiny.model, hc, tiny.eos_ids).generate(q, GenerateOptions(max_new_tokens=12)))
+    assert a == b
+    assert [lay.keys.shape[-2] for lay in hc.cache.layers] == [0] * len(hc.lengths)  # trimmed to the memory
+
+
+def test_default_settings_stay_close_to_full(tiny, long_doc, store):
+    _, full = _memory(tiny, long_doc, store, "full", chunk_tokens=256)
+    _, hc = _memory(tiny, long_doc, store, "hcattention", chunk_tokens=256)
+    q = turn_ids(tiny.tokenizer, "Which lantern hangs in room 3?")
+    ref = prefill(tiny.model, q, full.cache, full.logical_length, full.lengths[0]).softmax(-1)
+    got = prefill(tiny.model, q, hc.cache, hc.logical_length, hc.lengths[0]).softmax(-1)
+    assert float((ref - got).abs().sum()) < 0.1  # total variation of the next-token distribution
+    st = hc.store
+    st.reset_stats()  # one decode step: a random model attends almost uniformly, yet τ = 0.9 reads less
+    prefill(tiny.model, [int(got.argmax())], hc.cache, hc.logical_length + len(q), len(q))
+    assert 0 < st.counts["selected"] < st.counts["selectable"] and st.counts["steps"] == len(hc.store.layers)
+    assert hc.accounts["device_share"] <= 0.125 and hc.accounts["sub_dim"] == 4
+    assert hc.kv_entries() <= 0.125 * hc.accounts["entries"]
+
+
+def test_int8_values_and_anchor_prefill(tiny, sample_doc, store):
+    _, full = _memory(tiny, sample_doc, store, "full")
+    reader, hc = _memory(tiny, sample_doc, store, "hcattention",
+                         {"tau": 1.0, "value_bits": 8, "prefill": "anchor", "calib_tokens": 64})
+    assert reader.manifest["chunks"][0]["tensors"]["v"][0] == "I8"
+    assert hc.store.layers[0].host_v.data.dtype == torch.int8
+    q = turn_ids(tiny.tokenizer, QUESTION)
+    ref = prefill(tiny.model, q, full.cache, full.logical_length, full.lengths[0]).softmax(-1)
+    got = prefill(tiny.model, q, hc.cache, hc.logical_length, hc.lengths[0]).softmax(-1)
+    assert float((ref - got).abs().sum()) < 0.2  # anchor prefill sees less context than full; int8 rows
+
+
+def test_resume_equals_an_uninterrupted_encode(tiny, sample_doc):
+    from combllama.core.tokenize import Chunk
+
+    method = get_method("hcattention", {"calib_tokens": 100, "value_bits": 8})
+    plan = plan_memory(tiny, sample_doc, method, EncodeConfig(chunk_tokens=48))
+    chunks = [Chunk(i, s, e, tuple(plan.ids[s:e])) for i, (s, e) in enumerate(plan.spans)]
+    whole = method.encoder(tiny.model, len(plan.ids))
+    outs = [whole.encode(c) for c in chunks]
+    again = method.encoder(tiny.model, len(plan.ids))
+    for c, t in zip(chunks[:3], outs[:3]):
+        again.restore(c, t)
+    for c, t in zip(chunks[3:], outs[3:]):
+        got = again.encode(c)
+        assert got.keys() == t.keys() and all(torch.equal(got[k], t[k]) for k in t)
+
+
+def test_calibration_text_is_used_and_recorded(tiny, sample_doc, store):
+    method = get_method("hcattention", {"tau": 1.0})
+    method.calibrate_on(tiny.tokenizer("A calibration text about ships and harbours. " * 20)["input_ids"])
+    result = ingest(tiny, sample_doc, method, store, name="calib", config=EncodeConfig(chunk_tokens=48))
+    reader = store.open(result.name)
+    assert reader.manifest["method"]["params"]["calibration"].startswith("ids:")
+    assert "codebooks" in reader.manifest["chunks"][0]["tensors"] and "codes" in reader.manifest["chunks"][0]["tensors"]
+    memory = from_manifest(reader.manifest).attach(tiny.model, reader.manifest, reader.chunks())
+    _, full = _memory(tiny, sample_doc, store, "full")
+    q = turn_ids(tiny.tokenizer, QUESTION)
+    torch.testing.assert_close(prefill(tiny.model, q, memory.cache, memory.logical_length, 0),
+                               prefill(tiny.model, q, full.cache, full.logical_length, full.lengths[0]),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("base", ["full", "kvcompose"])
+def test_other_memories_served_the_hcattention_way(tiny, long_doc, store, base):
+    budget = Budget(fraction=0.5) if base == "kvcompose" else None
+    reader, plain = _memory(tiny, long_doc, store, base, chunk_tokens=256, budget=budget)
+    q = turn_ids(tiny.tokenizer, "Which lantern hangs in room 3?")
+    ref = prefill(tiny.model, q, plain.cache, plain.logical_length, plain.lengths[0],
+                  ).float()
+    hc = serve(tiny.model, reader.manifest, reader.chunks(), hc_method.HCAttentionOptions(tau=1.0, calib_tokens=256))
+    assert hc.logical_length == plain.logical_length
+    got = prefill(tiny.model, q, hc.cache, hc.logical_length, 0)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    trim_cache(hc.cache, hc.lengths)
+    default = serve(tiny.model, reader.manifest, reader.chunks())
+    assert default.accounts["device_share"] <= 0.125
+    assert float((prefill(tiny.model, q, default.cache, default.logical_length, 0).softmax(-1)
+                  - ref.softmax(-1)).abs().sum()) < 0.1
