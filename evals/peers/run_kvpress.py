@@ -1,0 +1,169 @@
+"""Runs NVIDIA kvpress presses on the harness's inputs; executed by .venv-kvpress's python, never imported.
+
+kvpress 0.5.5 pins transformers<5.3, so it lives in its own virtualenv (setup_kvpress.sh) and
+talks to the harness through JSON: token ids and the model directory in, per (case, press, ratio)
+KV entries kept, fidelity sums and greedy answer ids out. It mirrors kvpress's own pipeline:
+prefill the context under `with press(model)`, then continue at position = context length.
+Usage: python run_kvpress.py INPUT.json OUTPUT.json
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+
+def _metrics():
+    """evals/metrics.py loaded by path: the same scoring code as the harness, without combllama."""
+    spec = importlib.util.spec_from_file_location("evals_metrics", Path(__file__).resolve().parents[1] / "metrics.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def make_press(name: str, ratio: float):
+    import kvpress
+
+    presses = {
+        "snapkv": lambda: kvpress.SnapKVPress(compression_ratio=ratio),
+        "streaming_llm": lambda: kvpress.StreamingLLMPress(compression_ratio=ratio),
+        "expected_attention": lambda: kvpress.ExpectedAttentionPress(compression_ratio=ratio),
+        "kvcompose": lambda: kvpress.KVComposePress(compression_ratio=ratio),
+        "knorm": lambda: kvpress.KnormPress(compression_ratio=ratio),
+        "tova": lambda: kvpress.TOVAPress(compression_ratio=ratio),
+        "pyramidkv": lambda: kvpress.PyramidKVPress(compression_ratio=ratio),
+    }
+    if name not in presses:
+        raise ValueError(f"unknown press {name!r} (known: {', '.join(presses)})")
+    return presses[name]()
+
+
+def prefill(model, ids, press):
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    x = torch.tensor([ids], device=model.device)
+    with torch.inference_mode(), (press(model) if press is not None else contextlib.nullcontext()):
+        model.model(input_ids=x, past_key_values=cache)
+    return cache
+
+
+def entries(cache) -> int:
+    """KV entries (tokens × KV heads, summed over layers) the compressed cache holds."""
+    return sum(int(lay.keys.shape[1] * lay.keys.shape[2]) for lay in cache.layers)
+
+
+def uneven(cache) -> bool:
+    """Layers of different lengths (KVComposePress keeps a per-layer budget). transformers builds one
+    causal mask from layer 0's length, so a multi-token forward on such a cache fails in every other
+    layer; one token at a time needs no mask and is the same computation."""
+    return len({lay.keys.shape[-2] for lay in cache.layers}) > 1
+
+
+def forward(model, cache, ids: list[int], start: int, keep_all: bool):
+    """Logits [len(ids), vocab] (or [1, vocab]) of `ids` fed at positions start.. after the cache."""
+    import torch
+
+    dev = model.device
+    with torch.inference_mode():
+        if not uneven(cache):
+            pos = torch.arange(start, start + len(ids), device=dev)[None]
+            out = model(input_ids=torch.tensor([ids], device=dev), past_key_values=cache, position_ids=pos,
+                        logits_to_keep=0 if keep_all else 1)
+            return out.logits[0]
+        rows = []
+        for i, t in enumerate(ids):
+            out = model(input_ids=torch.tensor([[t]], device=dev), past_key_values=cache,
+                        position_ids=torch.tensor([[start + i]], device=dev))
+            rows.append(out.logits[0, -1])
+        return torch.stack(rows) if keep_all else rows[-1][None]
+
+
+def teacher_logits(model, cache, context_len: int, cont: list[int]):
+    """[len(cont)-1, vocab]: logits predicting cont[1:] with cont[:-1] fed after the compressed context."""
+    return forward(model, cache, cont[:-1], context_len, True).float().cpu()
+
+
+def greedy(model, cache, context_len: int, question: list[int], max_new: int, eos: set[int]) -> list[int]:
+    """kvpress pipeline's generate_answer, returning ids (EOS dropped, like the combllama engine)."""
+    out_ids = []
+    nxt, p = int(forward(model, cache, question, context_len, False)[-1].argmax()), context_len + len(question)
+    for _ in range(max_new):
+        if nxt in eos:
+            break
+        out_ids.append(nxt)
+        if len(out_ids) == max_new:
+            break
+        nxt, p = int(forward(model, cache, [nxt], p, False)[-1].argmax()), p + 1
+    return out_ids
+
+
+def main(inp: str, outp: str) -> None:
+    import kvpress
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    spec = json.loads(Path(inp).read_text())
+    torch.manual_seed(0)
+    torch.set_num_threads(int(spec.get("threads") or torch.get_num_threads()))
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32, attn_implementation="sdpa")
+    model.eval()
+    metrics = _metrics()
+    L, H = model.config.num_hidden_layers, model.config.num_key_value_heads
+    eos = set(spec["eos_ids"])
+    rows = []
+    for case in spec["cases"]:
+        ctx, T = case["context_ids"], len(case["context_ids"])
+        base_cache, ref = None, None
+
+        def run(press_name, ratio, press):
+            t0 = time.perf_counter()
+            cache = prefill(model, ctx, press)
+            row = {"press": press_name, "ratio": ratio, "case": case["id"], "status": "ok",
+                   "kv_entries": entries(cache), "full_kv_entries": L * H * T, "stepwise": uneven(cache)}
+            if case["continuation_ids"]:
+                row["_logits"] = teacher_logits(model, cache, T, case["continuation_ids"])
+            else:
+                row["answer_ids"] = greedy(model, cache, T, case["question_ids"], case["max_new_tokens"], eos)
+            row["seconds"] = round(time.perf_counter() - t0, 3)
+            return row
+
+        base = run("none", 0.0, None)
+        ref = base.get("_logits")
+        for name in spec["presses"]:
+            for ratio in spec["ratios"]:
+                if ratio == 0:  # kvpress presses return untouched at ratio 0: the uncompressed run
+                    row = {**base, "press": name, "ratio": 0.0, "press_inactive": True}
+                else:
+                    try:
+                        row = run(name, ratio, make_press(name, ratio))
+                    except Exception as e:  # a press that cannot run on this model is a result, not a crash
+                        row = {"press": name, "ratio": ratio, "case": case["id"], "status": "error",
+                               "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+                if "_logits" in row:
+                    row = dict(row)
+                    row["fidelity"] = metrics.token_stats(ref, row.pop("_logits"), case["continuation_ids"][1:])
+                rows.append(row)
+        print(f"kvpress: {case['id']} done", file=sys.stderr, flush=True)
+    meta = {"kvpress": getattr(kvpress, "__version__", None) or _dist_version("kvpress"),
+            "transformers": transformers.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    Path(outp).write_text(json.dumps({"meta": meta, "rows": rows}))
+
+
+def _dist_version(name: str):
+    from importlib.metadata import version
+
+    return version(name)
+
+
+if __name__ == "__main__":
+    # This folder also holds the harness's kvpress_bridge.py: keep it off the import path.
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+    main(sys.argv[1], sys.argv[2])
