@@ -185,6 +185,7 @@ class KVComposeOptions(Options):
     add_v_norm: bool = False
     add_mean_across_heads: bool = True
     keep_token_lower_bound: int = 0
+    keep_recent: int = 0  # the memory's last tokens kept whole in every head, inside the budget (not in kvpress)
     probe: str = "repeat"  # repeat: the chunk re-read (KVzip-like) | window: its last `window` queries
     window: int = 64
 
@@ -194,7 +195,7 @@ class KVComposeOptions(Options):
                 raise BadInputError(f"kvcompose {name} must be one of {', '.join(_AGGS)}, not {getattr(self, name)!r}")
         if self.probe not in ("repeat", "window"):
             raise BadInputError(f"kvcompose probe must be 'repeat' or 'window', not {self.probe!r}")
-        for name in ("keep_token_lower_bound", "window"):
+        for name in ("keep_token_lower_bound", "keep_recent", "window"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < (0 if name[0] == "k" else 1):
                 raise BadInputError(f"kvcompose {name} must be a non-negative integer (window ≥ 1)")
         for name in ("structured", "add_v_norm", "add_mean_across_heads"):
@@ -218,19 +219,20 @@ class _Heads:
     """Entries of one layer, per KV head: keys rotated at original positions, values, original positions."""
 
     def __init__(self, n_heads: int):
-        self.k: list[list] = [[] for _ in range(n_heads)]
-        self.v: list[list] = [[] for _ in range(n_heads)]
-        self.pos: list[list] = [[] for _ in range(n_heads)]
+        self.runs: list[list] = [[] for _ in range(n_heads)]  # per head: [(k [m, D], v [m, D], pos [m]), ...]
+        self._flat: list | None = None
 
     def add(self, j: int, k, v, pos) -> None:
-        self.k[j].append(k)
-        self.v[j].append(v)
-        self.pos[j].append(pos)
+        self.runs[j].append((k, v, pos))
+        self._flat = None
 
-    def flat(self):
+    def flat(self) -> list:
+        """Per head (k [m, D], v [m, D], pos [m]), concatenated once per change."""
         import torch
 
-        return [(torch.cat(k), torch.cat(v), torch.cat(p)) if k else None for k, v, p in zip(self.k, self.v, self.pos)]
+        if self._flat is None:
+            self._flat = [tuple(torch.cat(x) for x in zip(*runs)) for runs in self.runs]
+        return self._flat
 
 
 def _assemble(layers: list[_Heads], positions, rotary, device, dtype):
@@ -271,17 +273,19 @@ def _unpack(tensors: dict, n_layers: int):
 class KVComposeEncoder(Encoder):
     def __init__(self, method: "KVCompose", model, total_tokens: int):
         self.method, self.model, self.opts = method, model, method.options
-        self.keep = method.keep_fraction(total_tokens)
+        # The last `keep_recent` tokens are kept whole; the rest of the budget goes to the scored tokens.
+        self.recent_from = max(0, total_tokens - self.opts.keep_recent)
+        keep = method.keep_fraction(total_tokens)
+        self.keep = min(1.0, max(0.0, keep * total_tokens - self.opts.keep_recent) / max(1, self.recent_from)) \
+            if self.opts.keep_recent else keep
         c = model.config
-        self.n_layers, self.n_kv = c.num_hidden_layers, c.num_key_value_heads
-        self.window = int(c.max_position_embeddings)
+        self.n_layers, self.n_kv, self.window = c.num_hidden_layers, c.num_key_value_heads, c.max_position_embeddings
         self.layers = [_Heads(self.n_kv) for _ in range(self.n_layers)]
-        self.empty = True
 
     def restore(self, chunk, tensors):
+        dev = self.model.device
         for l, j, k, v, p in _unpack(tensors, self.n_layers):
-            self.layers[l].add(j, k, v, p)
-        self.empty = False
+            self.layers[l].add(j, k.to(dev, self.model.dtype), v.to(dev, self.model.dtype), p.to(dev))
 
     def encode(self, chunk):
         import torch
@@ -301,7 +305,7 @@ class KVComposeEncoder(Encoder):
             longest = max(max(x[0].shape[0] for x in lay.flat()) for lay in self.layers)
             base = min(longest, self.window - n - probe_n)
             positions = lambda m: compact_positions(m, base, dev)  # noqa: E731
-        kv = [] if self.empty else _assemble(self.layers, positions, rotary, dev, dt)
+        kv = _assemble(self.layers, positions, rotary, dev, dt) if self.layers[0].runs[0] else []
         starts = [x[0].shape[2] for x in kv] or [0] * self.n_layers
         masks = [x[2] for x in kv] if any(x[2] is not None for x in kv) else None
         cache = make_cache([(k, v) for k, v, _ in kv])
@@ -315,26 +319,29 @@ class KVComposeEncoder(Encoder):
             if opts.probe == "repeat":  # the chunk re-read after itself; only its attention is recorded
                 model.model(input_ids=ids, past_key_values=cache, position_ids=pos + n, use_cache=True,
                             kvcompose_scorer=scorer, **extra)
-            G = model.config.num_attention_heads // self.n_kv
             per_q = torch.stack([scorer.scores[l] for l in range(self.n_layers)])  # [L, H, n]
-            per_q = per_q.reshape(self.n_layers, self.n_kv, G, n)
+            per_q = per_q.reshape(self.n_layers, self.n_kv, -1, n)  # [L, Hkv, G, n]
             scores = per_q.mean(2) if opts.agg_group == "mean" else per_q.amax(2)  # [L, Hkv, n]
             ks = torch.stack([cache.layers[l].keys[0, :, starts[l]:starts[l] + n] for l in range(self.n_layers)])
             vs = torch.stack([cache.layers[l].values[0, :, starts[l]:starts[l] + n] for l in range(self.n_layers)])
             del cache  # [L, Hkv, n, D] chunk keys/values survive; memory and probe are dropped
             v_norms = vs.float().norm(dim=-1) if opts.add_v_norm else None
-            counts, kept = select_tokens(scores, self.keep, opts, v_norms)
+            scored = min(n, max(0, self.recent_from - chunk.start))  # the chunk's tokens before the recent tail
+            counts, kept = select_tokens(scores[..., :scored], self.keep, opts,
+                                         None if v_norms is None else v_norms[..., :scored]) if scored else (0, None)
+            tail = torch.arange(scored, n, device=dev)  # kept whole (keep_recent)
+            kept = [[tail if kept is None else torch.cat([kept[l][j], tail]) for j in range(self.n_kv)]
+                    for l in range(self.n_layers)]
+            counts = counts + (n - scored) + torch.zeros(self.n_layers, self.n_kv, dtype=torch.long, device=dev)
             ks = rerotate(ks, chunk.start - base, rotary)  # to original positions
-        out_k, out_v, out_p = [], [], []
+        out: list[tuple] = []  # the memory stays on the device; the chunk's share goes to disk
         for l in range(self.n_layers):
             for j in range(self.n_kv):
                 idx = kept[l][j]
-                k, v, p = ks[l, j, idx].cpu(), vs[l, j, idx].cpu(), (idx + chunk.start).cpu()
-                self.layers[l].add(j, k, v, p)
-                out_k.append(k), out_v.append(v), out_p.append(p)
-        self.empty = False
-        return {"k": torch.cat(out_k), "v": torch.cat(out_v), "pos": torch.cat(out_p).to(torch.int64),
-                "counts": counts.to(torch.int32).cpu()}
+                out.append((ks[l, j, idx], vs[l, j, idx], idx + chunk.start))
+                self.layers[l].add(j, *out[-1])
+        k, v, p = (torch.cat(x).cpu() for x in zip(*out))
+        return {"k": k, "v": v, "pos": p.to(torch.int64), "counts": counts.to(torch.int32).cpu()}
 
 
 class KVCompose(Method):
@@ -343,11 +350,9 @@ class KVCompose(Method):
     Options = KVComposeOptions
 
     def keep_fraction(self, total_tokens: int) -> float:
-        if self.budget is None:
-            return DEFAULT_FRACTION
-        if self.budget.fraction is not None:
-            return self.budget.fraction
-        return min(1.0, self.budget.tokens / max(1, total_tokens))
+        b = self.budget
+        return DEFAULT_FRACTION if b is None else b.fraction if b.fraction is not None else \
+            min(1.0, b.tokens / max(1, total_tokens))
 
     def select(self, n_prefix, n_doc, window, reserve):
         if n_prefix + reserve >= window:

@@ -112,7 +112,8 @@ def test_blockwise_scores_equal_dense_attention(monkeypatch):
     key_mask = torch.rand(2, 25) > 0.2
     key_mask[:, -10:] = True
     logits = q[0] @ k[0].repeat_interleave(2, 0).transpose(1, 2) * 0.3  # [4, 10, 25]
-    allowed = (torch.arange(25)[None] <= 15 + torch.arange(10)[:, None])[None] & key_mask.repeat_interleave(2, 0)[:, None]
+    causal = torch.arange(25)[None] <= 15 + torch.arange(10)[:, None]
+    allowed = causal[None] & key_mask.repeat_interleave(2, 0)[:, None]
     dense = logits.masked_fill(~allowed, -torch.inf).softmax(-1)[:, :, 3:15]
     monkeypatch.setattr(kc, "SCORE_ELEMENTS", 4 * 25 * 3)  # three queries per block
     torch.testing.assert_close(kc.probe_scores(q, k, 3, 15, 0.3, "max", key_mask=key_mask), dense.amax(1))
@@ -207,3 +208,15 @@ def test_window_probe_keeps_the_budget(ref_model):
 def test_options_are_validated(bad):
     with pytest.raises(BadInputError):
         get_method("kvcompose", bad)
+
+
+def test_keep_recent_keeps_the_tail_inside_the_budget(ref_model):
+    model, ids = ref_model
+    _, blocks, _ = _encode(model, ids, params={"keep_recent": 30}, budget=Budget(fraction=0.5), chunk=32)
+    L, n = model.config.num_hidden_layers, len(ids)
+    kept = [set() for _ in range(L * 2)]
+    for _, t in blocks:
+        for i, (_, _, _, _, p) in enumerate(kc._unpack(t, L)):
+            kept[i] |= set(p.tolist())
+    assert all(set(range(n - 30, n)) <= k for k in kept)
+    assert abs(sum(len(k) for k in kept) / (2 * L) - n / 2) <= 2
