@@ -23,6 +23,7 @@ from torch import nn
 from ...errors import BadInputError
 
 KWARG = "combllama_cross"  # the forward keyword the decoder hooks read
+USE_VARLEN = True  # training turns it off where the varlen kernel fails its forward/backward check
 
 
 def default_cross_layers(n_layers: int, every: int = 4) -> tuple[int, ...]:
@@ -150,7 +151,7 @@ def packed_attention(q, k, v, cu_seqlens, max_len: int):
     int32 [S+1] (sequence starts, then N) → [N, H, D]. Flash varlen kernels on CUDA when present
     (torch.nn.attention.varlen, else flash-attn), else SDPA with a block-diagonal mask."""
     H, Hkv = q.shape[1], k.shape[1]
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+    if USE_VARLEN and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         kr, vr = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
         try:
             from torch.nn.attention.varlen import varlen_attn
@@ -165,6 +166,16 @@ def packed_attention(q, k, v, cu_seqlens, max_len: int):
         except ImportError:
             pass
     N = q.shape[0]
+    if q.is_cuda and cu_seqlens.numel() > 2:  # no varlen kernel: pad the sequences into a batch
+        cu = cu_seqlens.long()
+        lens = cu[1:] - cu[:-1]
+        ar = torch.arange(max_len, device=q.device)
+        valid = ar[None] < lens[:, None]  # [S, max_len]
+        idx = (cu[:-1, None] + ar[None]).clamp(max=N - 1)
+        pad = lambda x: x[idx].transpose(1, 2)  # noqa: E731  [S, heads, max_len, D]
+        out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=valid[:, None, None, :],
+                                             enable_gqa=H != Hkv)
+        return out.transpose(1, 2)[valid]
     if cu_seqlens.numel() == 2:
         mask = None
     else:

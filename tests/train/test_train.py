@@ -1,0 +1,95 @@
+"""train/: shards from prepare.py respect the size limits and the split; a --smoke run trains on CPU in
+seconds and writes an adapter that loads onto its base model; the teacher and student see aligned targets."""
+from __future__ import annotations
+
+import csv
+import json
+import random
+
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from combllama.core.methods.combllama.weights import load_adapter, read_header
+from combllama.train import prepare, train
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, tiny_dir):
+    text = tmp_path_factory.mktemp("texts")
+    rng = random.Random(0)
+    words = "lantern room north wing keeper light storm the a of harbour".split()
+    for i in range(3):
+        (text / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(2500)))
+    out = tmp_path_factory.mktemp("shards")
+    prepare.main(["--out", str(out), "--text-dir", str(text), "--tokenizer", str(tiny_dir), "--max-mib", "1",
+                  "--shard-mib", "0.02"])
+    return out
+
+
+def test_shards_have_a_manifest_and_stay_small(shards):
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert len(manifest["shards"]) >= 2  # the per-shard cap split the stream
+    total = 0
+    for s in manifest["shards"]:
+        data = load_file(str(shards / s["file"]))
+        assert data["tokens"].dtype.name == "uint16" and data["tokens"].size == s["tokens"]
+        assert s["bytes"] <= 0.02 * 2**20
+        total += s["tokens"]
+    assert total == sum(src["tokens"] for src in manifest["sources"])
+    assert manifest["split"]["sotu_eval_from_year"] == 2015
+
+
+def test_split_table_guards_the_sources():
+    split = prepare.read_split()
+    assert split["pg_essays"] == "eval" and split["sotu"] == "by-year"
+    for name in prepare.SOURCES:
+        assert split[name] in ("train", "by-year")
+    with pytest.raises(SystemExit):
+        prepare.main(["--out", "/nonexistent-never-written", "--mix", "pg_essays=1.0", "--tokenizer", "x"])
+
+
+def test_strip_roff_keeps_text():
+    src = '.\\" comment\n.TH LS 1\n.SH NAME\nls \\- list \\fBdirectory\\fR contents\n.TP\n.B \\-a\nall'
+    text = prepare.strip_roff(src)
+    assert "comment" not in text and "TH" not in text
+    assert "ls - list directory contents" in text and "-a" in text
+
+
+def test_chunk_lengths_cover_the_context():
+    rng = random.Random(1)
+    for total in (16, 100, 2048):
+        lens = train.chunk_lengths(rng, total, 16, 48)
+        assert sum(lens) == total and all(1 <= n <= 48 for n in lens)
+
+
+def test_teacher_and_student_predict_the_same_tokens(shards, tiny):
+    args = train.parse(["--smoke", "--data", str(shards)])
+    args.copy_frac = 0.0
+    data = train.Shards(shards, tiny.model.config.vocab_size)
+    prefix = [1, 2, 3]
+    teach, dec, enc, cu, index, y = train.make_batch(data, random.Random(0), args, prefix, torch.device("cpu"))
+    B, C, T = args.batch, args.context, args.cont
+    assert teach.shape == (B, 3 + C + T - 1) and dec.shape == (B, 3 + T - 1) and y.shape == (B, T)
+    assert enc.shape == (B * C,) and int(cu[-1]) == B * C and index.shape == enc.shape
+    for b in range(B):
+        # Both end with y[:-1] after their prefix (+ context): the last T logits predict y.
+        assert teach[b, -(T - 1):].tolist() == y[b, :-1].tolist() == dec[b, 3:].tolist()
+        assert teach[b, 3:3 + C].tolist() == enc[b * C:(b + 1) * C].tolist()
+
+
+def test_smoke_run_writes_a_loadable_adapter(shards, tiny, tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    summary = train.main(["--smoke", "--model", str(tiny_dir), "--data", str(shards), "--out", str(out),
+                          "--steps", "3", "--name", "tiny"])
+    assert summary["steps"] == 3
+    rows = list(csv.DictReader(open(out / "train_log.csv")))
+    assert [int(r["step"]) for r in rows] == [0, 1, 2]
+    assert all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in rows)
+    path = out / "tiny.safetensors"
+    meta = read_header(path)
+    assert meta["base_fingerprint"] == tiny.fingerprint and meta["info"]["step"] == 3
+    adapter = load_adapter(path, tiny.model)
+    # The gates moved off zero: the adapter now reads its memory.
+    assert all(float(b.attn_gate.abs()) > 0 for b in adapter.cross)
+    assert json.loads((out / "train_summary.json").read_text())["adapter_bytes"] == path.stat().st_size
