@@ -176,6 +176,8 @@ def _git_listing(root: Path) -> tuple[list[str], list[str]] | None:
     inside = _git(root, "rev-parse", "--is-inside-work-tree")
     if inside is None or inside.strip() != b"true":
         return None
+    if _git(root, "check-ignore", "-q", ".") is not None:
+        return None  # the folder is ignored by an enclosing repository (a pyenv tree): the user named it, so walk it
     files = _git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
     if files is None:
         return None
