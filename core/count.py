@@ -81,8 +81,9 @@ def _pieces(tokenizer, text: str, starts: list[int]) -> list[tuple[int, int, int
 
 def _lengths(tokenizer, texts: list[str]) -> list[int]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:  # fast path: no Python lists of ids or offsets
-        return [len(e) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    if backend is not None:  # no Python lists of ids; the _fast variant also skips offsets (~10% faster)
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        return [len(e) for e in encode(texts, add_special_tokens=False)]
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 

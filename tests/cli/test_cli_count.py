@@ -129,3 +129,21 @@ def test_count_errors(tmp_path, tiny_dir):
     assert r.exit_code == 3 and "no readable text files" in r.stderr
     r = CliRunner().invoke(cli, ["count", str(tmp_path / "empty"), "--model", str(tmp_path)])
     assert r.exit_code == 3 and "config.json" in r.stderr
+
+
+def test_count_folder_ignored_by_an_enclosing_repository(tmp_path, tiny_dir):
+    """A folder the user names is read even when an enclosing git work tree ignores it (pyenv's
+    versions/ holds the standard library under a .gitignore'd path)."""
+    import subprocess
+
+    outer = tmp_path / "outer"
+    inner = outer / "versions" / "lib"
+    inner.mkdir(parents=True)
+    (outer / ".gitignore").write_text("/versions\n")
+    (inner / "os.py").write_text("import sys\n" * 10)
+    (inner / "notes.log").write_text("kept: no .gitignore inside the folder says otherwise\n")
+    subprocess.run(["git", "init", "-q", str(outer)], check=True)
+    r = run("count", str(inner), "--model", str(tiny_dir), "--json", "-q")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)["documents"][0]
+    assert sorted(f["path"] for f in doc["per_file"]) == ["notes.log", "os.py"]
