@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch is pinned: an open range would pull the multi-GB CUDA build on a CPU-only machine.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean evals-data evals-peers evals-smoke evals-full
 
 install: $(VENV)/.installed
 
@@ -26,3 +26,18 @@ test: install
 
 clean:
 	rm -rf $(VENV) *.egg-info
+
+# Quality harness (evals/): the full grid reads the RULER wheel and runs kvpress in .venv-kvpress.
+EVALS_METHODS ?= full,truncate,kvpress:snapkv,kvpress:streaming_llm,kvpress:expected_attention,kvpress:kvcompose
+evals-data: install
+	bash evals/setup_ruler.sh
+
+evals-peers:
+	bash evals/peers/setup_kvpress.sh
+
+evals-smoke: install
+	$(BIN)/python -m combllama.evals run --methods full,truncate --suite smoke --out evals/results/smoke
+
+evals-full: evals-data evals-peers
+	nice -n 10 $(BIN)/python -m combllama.evals run --methods $(EVALS_METHODS) --budgets 1,0.5,0.25,0.125 \
+		--tasks fidelity,retrieval,qa,citation --suite full --out evals/results/smollm2-cpu

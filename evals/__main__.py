@@ -29,9 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--model", default=None, metavar="PATH", help="local HF model dir (default: embedded SmolLM2)")
     run.add_argument("--device", default="cpu")
     run.add_argument("--limit", type=int, default=None, help="at most N cases per task")
+    run.add_argument("--size", action="append", default=[], metavar="KEY=VALUE",
+                     help="full-suite size override, repeatable (e.g. passkey_lengths=1024,4096 long_texts=1)")
     run.add_argument("--out", required=True, help="results folder, e.g. evals/results/NAME")
     args = parser.parse_args(argv)
 
+    from .cases import FullSuite, parse_sizes
     from .grid import GridConfig, run_grid
     from .report import write
 
@@ -41,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = GridConfig(methods=_csv(args.methods), budgets=tuple(float(b) for b in _csv(args.budgets)),
                          tasks=_csv(args.tasks), suite=args.suite, model=args.model, device=args.device,
-                         limit=args.limit)
+                         limit=args.limit, full_suite=parse_sizes(args.size, FullSuite()))
         result = run_grid(cfg, log)
     except CombllamaError as e:
         print(f"error: {e}", file=sys.stderr)

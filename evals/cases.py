@@ -131,6 +131,25 @@ def smoke_suite(tokenizer, tasks) -> list[Case]:
     return cases
 
 
+def parse_sizes(items: list[str], base: "FullSuite") -> "FullSuite":
+    """`--size key=value` overrides of FullSuite (tuples as comma lists): e.g. passkey_lengths=1024,4096."""
+    import dataclasses
+
+    types = {f.name: f.type for f in dataclasses.fields(FullSuite)}
+    changes = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in types or not value:
+            raise BadInputError(f"--size {item!r}: expected KEY=VALUE with KEY in {', '.join(types)}")
+        t = str(types[key])
+        if t.startswith("tuple"):
+            inner = float if "float" in t else int if "int" in t else str
+            changes[key] = tuple(inner(v) for v in value.split(","))
+        else:
+            changes[key] = int(value)
+    return dataclasses.replace(base, **changes)
+
+
 @dataclass(frozen=True)
 class FullSuite:
     """Sizes of the full grid: defaults sized for a shared 2-core CPU with SmolLM2 (fp32); a GPU run
@@ -138,14 +157,14 @@ class FullSuite:
 
     fidelity_lengths: tuple[int, ...] = (1024,)
     fidelity_texts: int = 2
-    long_texts: int = 1  # fidelity beyond the window (perplexity against truncate)
+    long_texts: int = 0  # fidelity beyond the window (perplexity against truncate); GPU runs set 1+
     long_tokens: int = 8704
-    passkey_lengths: tuple[int, ...] = (1024, 2048)
-    passkey_depths: tuple[float, ...] = (0.1, 0.9)
+    passkey_lengths: tuple[int, ...] = (1024,)
+    passkey_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     ruler_tasks: tuple[str, ...] = ("niah_single_1", "niah_single_2", "niah_multikey_1")
     ruler_lengths: tuple[int, ...] = (1024,)
     ruler_samples: int = 1
-    qa_samples: int = 8
+    qa_samples: int = 4
     seed: int = 0
 
 
@@ -160,7 +179,7 @@ def full_suite(tokenizer, tasks, suite: FullSuite = FullSuite()) -> list[Case]:
             for n in suite.fidelity_lengths:
                 cases.append(fidelity_case(tokenizer, f"pg{i}-{n}", text, n, "pg_essays"))
         long_chars = (suite.long_tokens + CONTINUATION + 64) * 6
-        for i, text in enumerate(pg_segments(suite.long_texts, long_chars, suite.seed + 1)):
+        for i, text in enumerate(pg_segments(suite.long_texts, long_chars, suite.seed + 1) if suite.long_texts else []):
             cases.append(fidelity_case(tokenizer, f"pg-long{i}-{suite.long_tokens}", text, suite.long_tokens,
                                        "pg_essays"))
     if "retrieval" in tasks or "citation" in tasks:

@@ -155,13 +155,14 @@ def versions() -> dict:
     return out
 
 
-def run_grid(cfg: GridConfig, log: Callable[[str], None] = lambda s: None) -> dict:
+def run_grid(cfg: GridConfig, log: Callable[[str], None] = lambda s: None, loaded=None) -> dict:
+    """Run the grid; `loaded` (a core LoadedModel of cfg.model) saves loading it again."""
     from ..core.model import ModelSpec, embedded_dir, load_model
     from ..core.paths import Paths
     from .runner import prepare, run_case
 
     t0 = time.perf_counter()
-    loaded = load_model(ModelSpec(cfg.model, device=cfg.device))
+    loaded = loaded or load_model(ModelSpec(cfg.model, device=cfg.device))
     log(f"model {loaded.name} ({loaded.fingerprint[:18]}…) on {loaded.device}")
     cases = build_cases(loaded, cfg)
     log(f"{len(cases)} cases: " + ", ".join(f"{t} {sum(c.task == t for c in cases)}" for t in ("fidelity", "retrieval", "qa")))
