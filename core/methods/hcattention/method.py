@@ -34,8 +34,8 @@ class HCAttentionOptions(Options):
     tau: float = 0.9  # share of the approximate attention read per step (1.0: exact attention)
     sub_dim: int = 0  # key sub-vector width d (g = head_dim / d codes per key); 0: the finest that fits the budget
     centroids: int = 256  # per codebook; <= 256 → 8-bit codes
-    calib_tokens: int = 4096  # memory tokens whose keys calibrate the codebooks
-    kmeans_iters: int = 16
+    calib_tokens: int = 2048  # memory tokens whose keys calibrate the codebooks (8 per centroid at c=256)
+    kmeans_iters: int = 8
     seed: int = 0
     sinks: int = 4  # first memory tokens kept exact on the device
     recent: int = 128  # last memory tokens kept exact on the device
@@ -162,6 +162,18 @@ class HCMemory(KVMemory):
         return int(round(a.get("device", 0) / per_entry)) if per_entry else 0
 
 
+def _host_empty(shape, dtype, pin: bool):
+    """Host rows, pinned when a GPU reads them (DMA at full speed); pageable if pinning is refused."""
+    import torch
+
+    if pin:
+        try:
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
+        except RuntimeError:  # pinned memory is capped on some hosts; pageable still works, slower
+            pass
+    return torch.empty(shape, dtype=dtype)
+
+
 class _Builder:
     """Preallocates one memory's device codes and host rows, then takes token ranges layer by layer."""
 
@@ -180,8 +192,8 @@ class _Builder:
             self.spans.append((s, e))
             n, m = e - s, s + N - e
             host = lambda: HostRows(  # noqa: E731
-                torch.empty(self.H, n, self.D, dtype=host_dtype, pin_memory=pin),
-                torch.empty(self.H, n, dtype=torch.float32, pin_memory=pin) if host_dtype == torch.int8 else None)
+                _host_empty((self.H, n, self.D), host_dtype, pin),
+                _host_empty((self.H, n), torch.float32, pin) if host_dtype == torch.int8 else None)
             self.layers.append({
                 "codes": torch.empty(self.H, n, g, dtype=quant.code_dtype(centroids), device=self.dev),
                 "host_v": host(), "host_k": host() if o.exact_keys else None,

@@ -7,7 +7,8 @@ codes [..., tokens, g] (uint8 when c <= 256, int16 otherwise).
 """
 from __future__ import annotations
 
-BLOCK_ELEMENTS = 1 << 24  # distance-matrix elements materialised at once (64 MiB of float32)
+BLOCK_ELEMENTS = 1 << 24  # distance-matrix elements materialised at once on the CPU (64 MiB of float32)
+CUDA_BLOCK_ELEMENTS = 1 << 27  # and on a GPU (512 MiB): fewer, larger kernels
 
 
 def code_dtype(centroids: int):
@@ -16,8 +17,8 @@ def code_dtype(centroids: int):
     return torch.uint8 if centroids <= 256 else torch.int16
 
 
-def _block(B: int, n: int, c: int) -> int:
-    return max(1, min(B, BLOCK_ELEMENTS // max(1, n * c)))
+def _block(B: int, n: int, c: int, cuda: bool = False) -> int:
+    return max(1, min(B, (CUDA_BLOCK_ELEMENTS if cuda else BLOCK_ELEMENTS) // max(1, n * c)))
 
 
 def nearest(x, cent):
@@ -26,7 +27,7 @@ def nearest(x, cent):
 
     out_i = torch.empty(x.shape[:2], dtype=torch.long, device=x.device)
     out_d = torch.empty(x.shape[:2], dtype=torch.float32, device=x.device)
-    step = _block(x.shape[0], x.shape[1], cent.shape[1])
+    step = _block(x.shape[0], x.shape[1], cent.shape[1], x.is_cuda)
     for a in range(0, x.shape[0], step):
         xb, cb = x[a:a + step], cent[a:a + step]
         # ||x - c||² = ||x||² - 2 x·c + ||c||²; the ||x||² term does not change the argmin
@@ -37,7 +38,7 @@ def nearest(x, cent):
     return out_i, out_d
 
 
-def kmeans(x, c: int, iters: int = 16, seed: int = 0):
+def kmeans(x, c: int, iters: int = 8, seed: int = 0):
     """Lloyd's k-means on B independent problems at once. x [B, n, d] float32 → centroids [B, c, d].
 
     Deterministic for a seed on a given device: random distinct initial points (drawn on the CPU), sums
@@ -51,19 +52,23 @@ def kmeans(x, c: int, iters: int = 16, seed: int = 0):
     else:  # fewer points than centroids: duplicates are harmless (they share the points)
         init = torch.randint(n, (B, c), generator=gen)
     cent = x.gather(1, init.to(x.device)[..., None].expand(B, c, d)).clone()
-    step = _block(B, n, c)
+    step = _block(B, n, c, x.is_cuda)
     for _ in range(iters):
         idx, dist = nearest(x, cent)
         for a in range(0, B, step):
-            onehot = torch.nn.functional.one_hot(idx[a:a + step], c).to(x.dtype)  # [b, n, c]
-            sums = onehot.transpose(1, 2) @ x[a:a + step]  # [b, c, d]
-            counts = onehot.sum(1)  # [b, c]
+            xb, ib = x[a:a + step], idx[a:a + step]
+            if x.is_cuda:  # one-hot matmul: no atomics, so the same seed gives the same codebooks
+                onehot = torch.nn.functional.one_hot(ib, c).to(x.dtype)  # [b, n, c]
+                sums, counts = onehot.transpose(1, 2) @ xb, onehot.sum(1)  # [b, c, d], [b, c]
+            else:  # CPU scatter_add is sequential per row, hence deterministic, and 30x cheaper
+                sums = torch.zeros(xb.shape[0], c, d, dtype=x.dtype).scatter_add_(1, ib[..., None].expand(-1, -1, d), xb)
+                counts = torch.zeros(xb.shape[0], c, dtype=x.dtype).scatter_add_(1, ib, torch.ones_like(ib, dtype=x.dtype))
             new = sums / counts.clamp(min=1)[..., None]
             empty = counts == 0
             if bool(empty.any()):
                 far = dist[a:a + step].argsort(dim=1, descending=True)  # worst-fitted points first
                 rank = (empty.cumsum(1) - 1).clamp(min=0) % n  # k-th empty cluster takes the k-th worst point
-                repl = x[a:a + step].gather(1, far.gather(1, rank)[..., None].expand(-1, -1, d))
+                repl = xb.gather(1, far.gather(1, rank)[..., None].expand(-1, -1, d))
                 new = torch.where(empty[..., None], repl, new)
             cent[a:a + step] = new
     return cent
