@@ -217,11 +217,11 @@ def losses(student_logits, teacher_logits, targets, temperature: float):
     return kl, ce, tce
 
 
-def lr_at(step: int, args) -> float:
-    """Linear warmup, then cosine decay to 10%."""
+def lr_at(step: int, args, elapsed: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to 10% over the steps or the time limit, whichever ends first."""
     if step < args.warmup:
         return (step + 1) / args.warmup
-    p = (step - args.warmup) / max(1, args.steps - args.warmup)
+    p = max((step - args.warmup) / max(1, args.steps - args.warmup), elapsed / args.time_limit)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
 
 
@@ -320,7 +320,7 @@ def main(argv=None) -> dict:
         if stop:
             break
         for g, lr in zip(opt.param_groups, base_lrs):
-            g["lr"] = lr * lr_at(step, args)
+            g["lr"] = lr * lr_at(step, args, elapsed)
         teach, dec, enc, cu, index, y = make_batch(shards, rng, args, prefix, device)
         with torch.no_grad(), amp:
             teacher = model(input_ids=teach, use_cache=False, logits_to_keep=args.cont).logits
