@@ -15,8 +15,11 @@ from typing import Any
 def uniform_length(memory) -> int | None:
     """The common per-layer length of a plain KV memory, or None when this cache is not one the
     static path can serve (ragged layers, per-head masks, missing layers)."""
+    from transformers import DynamicCache
+
     cache = memory.cache
-    if getattr(cache, "attention_kwargs", None):
+    # Exactly a DynamicCache: a subclass (an offloaded or selecting cache) has its own reading logic.
+    if type(cache) is not DynamicCache or getattr(cache, "attention_kwargs", None):
         return None
     lengths = set(memory.lengths)
     if len(lengths) != 1:

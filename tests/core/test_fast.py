@@ -174,3 +174,14 @@ def test_eligibility_and_empty_memory(model):
     cache = make_cache([])
     ref = prefill(model, [5, 6, 7], cache, 0)
     assert rel(dec.prefill([5, 6, 7], 0), ref) < 1e-5
+
+
+def test_a_cache_subclass_keeps_its_own_path(model):
+    from transformers import DynamicCache
+
+    class Selecting(DynamicCache):  # e.g. an offloading cache that chooses what to read each step
+        pass
+
+    memory = memory_of(model, list(range(30)))
+    custom = KVMemory(Selecting(ddp_cache_data=[(l.keys, l.values) for l in memory.cache.layers]), 30, [30, 30])
+    assert uniform_length(memory) == 30 and uniform_length(custom) is None
