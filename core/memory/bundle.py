@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import BusyError, CorruptMemoryError, IncompatibleMemoryError, NotAMemoryError
-from .durable import fsync_dir, write_atomic
+from .durable import fsync_dir, storage, write_atomic
 from .format import (CHUNK_FILE, FORMAT, FORMAT_VERSION, MAX_MANIFEST_BYTES, canonical_json, parse_manifest,
                      safetensors_header)
 
@@ -78,10 +78,12 @@ class MemoryWriter:
     def _acquire(root: Path, timeout: float):
         from filelock import FileLock, Timeout
 
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with storage(root):
+            root.mkdir(parents=True, exist_ok=True, mode=0o700)
         lock = FileLock(str(root / "LOCK"), timeout=timeout)
         try:
-            lock.acquire()
+            with storage(root / "LOCK"):
+                lock.acquire()
         except Timeout:
             raise BusyError(f"{root.name}: another combllama process is writing this memory") from None
         return lock
@@ -95,9 +97,10 @@ class MemoryWriter:
         try:
             if (root / MANIFEST).exists():
                 raise CorruptMemoryError(f"{root.name}: a memory already exists here")
-            for sub in ("chunks", "tmp"):
-                shutil.rmtree(root / sub, ignore_errors=True)
-                (root / sub).mkdir(mode=0o700)
+            with storage(root):
+                for sub in ("chunks", "tmp"):
+                    shutil.rmtree(root / sub, ignore_errors=True)
+                    (root / sub).mkdir(mode=0o700)
             data, _ = _tensor_bytes({"ids": torch.tensor(token_ids, dtype=torch.int32)})
             write_atomic(root / TOKENS, data, root / "tmp")
             manifest = {
@@ -129,7 +132,8 @@ class MemoryWriter:
                         f"{root.name}: cannot resume: {key} changed since the interrupted ingest "
                         f"(was {manifest.get(key)!r}, now {value!r}); ingest again without --resume")
             writer = cls(root, manifest, lock)
-            writer.clean_orphans()
+            with storage(root):
+                writer.clean_orphans()
             return writer
         except BaseException:
             lock.release()
@@ -293,8 +297,9 @@ def remove_bundle(root: Path, lock_timeout: float = 10.0) -> None:
     lock = MemoryWriter._acquire(root, lock_timeout)
     try:
         tomb = root.with_name(f".{root.name}.deleting.{os.getpid()}.{int(time.time())}")
-        os.replace(root, tomb)
-        fsync_dir(root.parent)
+        with storage(root):
+            os.replace(root, tomb)
+            fsync_dir(root.parent)
     finally:
         lock.release()
     shutil.rmtree(tomb, ignore_errors=True)

@@ -2,11 +2,36 @@
 
 Every byte combllama persists goes through `write_atomic`; nothing else calls os.replace.
 A rename alone is atomic but not durable: without the fsyncs a power cut can leave an empty file.
+OS errors leave as ResourceError (disk full, I/O error: exit 4), never as a raw OSError.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 from pathlib import Path
+
+from ..errors import ResourceError
+
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def storage_error(e: OSError, path) -> ResourceError:
+    """The one-line typed error for an OS error while writing `path`."""
+    if e.errno in _FULL:
+        return ResourceError(f"disk full: cannot write {path} ({e.strerror or e}); free some space and run "
+                             f"the command again (an interrupted ingest continues with --resume)")
+    return ResourceError(f"cannot write {path}: {e.strerror or e} (errno {e.errno}); check the disk "
+                         f"and run the command again")
+
+
+@contextlib.contextmanager
+def storage(path):
+    """Turn OSErrors raised inside into `storage_error(…, path)`."""
+    try:
+        yield
+    except OSError as e:
+        raise storage_error(e, path) from None
 
 
 def fsync_dir(directory: Path) -> None:
@@ -21,7 +46,8 @@ def write_atomic(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
     """Make `path` hold exactly `data`, or leave it as it was (and no temp file behind) on any error."""
     tmp_dir = tmp_dir or path.parent
     tmp = tmp_dir / f".{path.name}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with storage(path):
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     try:
         try:
             view = memoryview(data)
@@ -32,10 +58,13 @@ def write_atomic(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
+        except OSError:
             pass
+        if isinstance(e, OSError):
+            raise storage_error(e, path) from None
         raise
-    fsync_dir(path.parent)
+    with storage(path):
+        fsync_dir(path.parent)
