@@ -54,3 +54,9 @@ class SessionDatabaseError(SessionError):
     """SQLite refused the file: not a database, corrupt, unreadable, disk full."""
 
     exit_code = 1
+
+
+class SessionDiskFullError(SessionDatabaseError):
+    """SQLite could not write for lack of space (SQLITE_FULL): a resource limit, not a bug."""
+
+    exit_code = 4

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from . import migrations
-from .errors import (MemoryNotAttachedError, SessionBusyError, SessionDatabaseError, SessionError,
-                     SessionExistsError, SessionNameError, SessionNotFoundError, SessionValueError)
+from .errors import (MemoryNotAttachedError, SessionBusyError, SessionDatabaseError, SessionDiskFullError,
+                     SessionError, SessionExistsError, SessionNameError, SessionNotFoundError, SessionValueError)
 from .ids import check_name, looks_like_ulid, new_ulid, slugify, utc_now, with_suffix
 from .records import MemoryRef, SearchHit, Session, Turn
 
@@ -96,6 +96,8 @@ class SessionStore:
                 raise SessionBusyError(
                     f"{self.path}: sessions database busy for more than {self.timeout:g}s "
                     "(another combllama is writing); try again") from e
+            if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in msg:
+                raise SessionDiskFullError(f"{self.path}: disk full: {msg}; free some space and try again") from e
             raise SessionDatabaseError(f"{self.path}: {msg}") from e
         except sqlite3.DatabaseError as e:
             raise SessionDatabaseError(f"{self.path}: {e}") from e
