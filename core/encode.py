@@ -7,12 +7,14 @@ and never re-encodes one. Progress leaves through `on_progress`; nothing here pr
 from __future__ import annotations
 
 import hashlib
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import BadInputError, InterruptedError_
+from .engine import is_out_of_memory, release_device_memory
+from .errors import BadInputError, InterruptedError_, ResourceError
 from .fast.pipeline import pipelined
 from .memory.bundle import MemoryReader, MemoryWriter
 from .memory.format import canonical_json
@@ -111,6 +113,30 @@ def plan_memory(loaded: LoadedModel, document, method: Method, config: EncodeCon
     return MemoryPlan(ids, n_prefix, (a, b), len(tok.ids), spans, sources, content_key, header)
 
 
+DISK_SLACK = 32 * 1024 * 1024  # manifest rewrites, directory entries, filesystem rounding
+
+
+def disk_needed(plan: MemoryPlan, method: Method, loaded: LoadedModel, done_chunks: int = 0) -> int:
+    """Bytes the rest of this ingest will write, estimated from the plan: the method's kept tokens ×
+    every layer's K and V, the token ids, and one manifest entry (~2 KiB) per chunk."""
+    L, H, D = loaded.kv_shape
+    left = 1 - done_chunks / max(1, len(plan.spans))
+    kv = method.memory_tokens(len(plan.ids)) * L * 2 * H * D * loaded.dtype.itemsize
+    return int(kv * left) + 4 * len(plan.ids) + 2048 * len(plan.spans)
+
+
+def check_disk(root: Path, need: int, name: str) -> None:
+    """ResourceError before a long ingest that would not fit on the disk of `root`."""
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need + DISK_SLACK > free:
+        raise ResourceError(f"not enough disk space for memory {name!r}: it needs about {need / 2**20:,.1f} MiB "
+                            f"and {free / 2**20:,.1f} MiB are free on {probe}; free some space, set "
+                            f"COMBLLAMA_MEMORY_DIR to a larger disk, or use a compressing method or --budget")
+
+
 def ingest(loaded: LoadedModel, document, method: Method, store: MemoryStore, *, name: str | None = None,
            config: EncodeConfig = EncodeConfig(), resume: bool = False, force: bool = False,
            on_progress: Callable[[Progress], None] | None = None,
@@ -131,8 +157,10 @@ def ingest(loaded: LoadedModel, document, method: Method, store: MemoryStore, *,
         if same and existing.complete and not force:
             return result(existing, 0, False, True)
         if not existing.complete and resume and same:
+            check_disk(root, disk_needed(plan, method, loaded, len(existing.manifest["chunks"])), name)
             writer = MemoryWriter.resume(root, expect)
         elif force:
+            check_disk(root, disk_needed(plan, method, loaded) - existing.stats()["bytes"], name)
             store.remove(name)
             writer = MemoryWriter.create(root, {"name": name, **plan.header}, plan.ids)
         elif not existing.complete:
@@ -143,6 +171,7 @@ def ingest(loaded: LoadedModel, document, method: Method, store: MemoryStore, *,
             raise BadInputError(f"a memory named {name!r} already exists (other content or settings); "
                                 f"choose another --name or pass --force to replace it")
     else:
+        check_disk(root, disk_needed(plan, method, loaded), name)
         writer = MemoryWriter.create(root, {"name": name, **plan.header}, plan.ids)
 
     # On CUDA, chunk i is written by a background thread while chunk i+1 computes (core/fast/pipeline.py).
@@ -163,7 +192,23 @@ def ingest(loaded: LoadedModel, document, method: Method, store: MemoryStore, *,
                 writer.commit()
                 raise InterruptedError_(f"interrupted: {chunk.seq}/{len(chunks)} chunks of {name!r} saved; "
                                         f"continue with `combllama ingest --resume` (same file and options)")
-            tensors = encoder.encode(chunk)
+            oom = False
+            try:
+                tensors = encoder.encode(chunk)
+            except (RuntimeError, MemoryError) as e:
+                if not is_out_of_memory(e):
+                    raise
+                oom = True  # handled below: the exception's frames hold device tensors until it is gone
+            if oom:
+                writer.commit()
+                encoder = tensors = None  # the raised error's traceback keeps this frame (and the cache) alive
+                release_device_memory()
+                kind = "GPU memory" if loaded.device.type == "cuda" else "memory"
+                raise ResourceError(
+                    f"out of {kind} encoding chunk {chunk.seq + 1}/{len(chunks)} of {name!r} (method {method.name}, "
+                    f"{config.chunk_tokens} tokens per chunk); {chunk.seq} chunks are saved. Free {kind} and "
+                    f"continue with --resume, or start over with --force and a smaller --chunk-tokens, a smaller "
+                    f"--budget or a compressing --method")
             writer.add_chunk(chunk.start, chunk.end, chunk.tokens_sha256, plan.sources[chunk.seq], tensors)
             encoded += chunk.end - chunk.start
             pending += 1

@@ -10,9 +10,29 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from .errors import BadInputError
+from .errors import BadInputError, ResourceError
 from .methods.base import KVMemory, prefill, trim_cache
 from .sampling import sample
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """A device (torch.OutOfMemoryError) or host allocation failure raised by a tensor op."""
+    import torch
+
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def release_device_memory() -> None:
+    """Return freed blocks to the device after an out-of-memory error (call it outside the except
+    block, once the exception and its frames are gone: they hold tensors)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @dataclass(frozen=True)
@@ -98,6 +118,7 @@ class Engine:
         phys = mem.lengths[0]
         fast = self._fast_decoder(len(ids) + budget)
         st.extra["path"] = "plain" if fast is None else f"fast ({fast.backend}{', cuda graph' if fast.use_graph else ''})"
+        oom = False
         try:
             logits = prefill(self.model, ids, mem.cache, pos, phys) if fast is None else fast.prefill(ids, pos)
             pos, phys = pos + len(ids), phys + len(ids)
@@ -123,8 +144,21 @@ class Engine:
                     logits = fast.step(token, pos)
                 pos, phys = pos + 1, phys + 1
             st.decode_seconds = time.perf_counter() - t1
+        except (RuntimeError, MemoryError) as e:
+            if not is_out_of_memory(e):
+                raise
+            oom = True  # reported below, once the exception (whose frames hold tensors) is gone
         finally:
             if fast is None:
                 trim_cache(mem.cache, mem.lengths)
             else:
                 fast.static.reset()
+        if oom:
+            logits = None
+            release_device_memory()
+            st.stop = "out-of-memory"
+            raise ResourceError(
+                f"out of {'GPU ' if self.model.device.type == 'cuda' else ''}memory answering: the memory holds "
+                f"{mem.logical_length:,} positions and the question and history {len(ids):,} tokens; ask a shorter "
+                f"question, clear the chat history, lower --max-tokens, or use a memory made with a smaller --budget "
+                f"or a compressing method. The memory is still attached: the next question can be asked")

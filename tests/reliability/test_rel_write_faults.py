@@ -1,0 +1,184 @@
+"""Write-path faults: ENOSPC/EIO on the Nth os call and lost fsyncs (writefaults.py), real disk-full
+from the kernel (RLIMIT_FSIZE) for an ingest through the CLI and for the sessions database, and the
+free-disk check before an ingest."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from faults import OPS, Fault, Shim
+from writefaults import call_counts, ingest_doc, run_matrix, snapshot, temp_files
+
+from combllama.cli.main import cli
+from combllama.core.encode import EncodeConfig, ingest
+from combllama.core.errors import ResourceError
+from combllama.core.memory.durable import write_atomic
+from combllama.core.methods import get_method
+from combllama.sessions.store import SessionStore
+
+
+def setup_home(home: Path, loaded, sample_doc, store) -> None:
+    """A sealed memory "keep" and a sessions database with turns: what a fault must never touch."""
+    ingest(loaded, sample_doc, get_method("full"), store, name="keep", config=EncodeConfig(chunk_tokens=128))
+    with SessionStore(home / "data" / "sessions.db") as s:
+        s.create("chat", memories=["keep"])
+        for i in range(5):
+            s.append_turn("chat", f"question {i}", f"answer {i}")
+
+
+def spread(n: int) -> list[int]:
+    """A few call numbers across 1..n: first, middle, last."""
+    return sorted({1, max(1, n // 2), n})
+
+
+@pytest.mark.timeout(900)
+def test_fault_matrix_enospc_eio_lost_fsync(tiny, sample_doc, store, isolated_home):
+    setup_home(isolated_home, tiny, sample_doc, store)
+    ingest_doc(tiny, sample_doc, store, "ref")
+    reference = [c["sha256"] for c in store.open("ref").manifest["chunks"]]
+    store.remove("ref")
+    counts = call_counts(tiny, sample_doc, store)
+    # CI: ENOSPC at the first, middle and last call of each function, EIO at the middle one, two lost
+    # fsyncs (the full run, tests/reliability/harness.py, injects at every call).
+    faults = [Fault(op, n, "ENOSPC") for op in OPS for n in spread(counts[op])]
+    faults += [Fault(op, max(1, counts[op] // 2), "EIO") for op in OPS]
+    faults += [Fault("fsync", n, "lose") for n in (2, max(2, counts["fsync"] - 1))]
+    result = run_matrix(tiny, sample_doc, isolated_home, faults, reference)
+    assert result.failures == [], "\n".join(result.failures)
+    assert result.injected + result.lost_fsyncs + result.not_reached == len(faults)
+    assert result.injected >= 12 and result.resumed_equal == result.injected
+    assert result.lost_fsyncs >= 1 and result.lost_detected + result.lost_harmless == result.lost_fsyncs
+    assert set(result.errors_seen) <= {"ResourceError", "CorruptMemoryError", "NotAMemoryError"}
+
+
+def test_write_atomic_leaves_old_content_and_no_temp(tmp_path):
+    target = tmp_path / "f.json"
+    target.write_bytes(b"old")
+    for fault in [Fault("write", 1, "ENOSPC"), Fault("fsync", 1, "EIO"), Fault("replace", 1, "EIO"),
+                  Fault("open", 1, "ENOSPC")]:
+        with Shim(fault), pytest.raises(ResourceError) as err:
+            write_atomic(target, b"new" * 1000)
+        assert target.read_bytes() == b"old"
+        assert os.listdir(tmp_path) == ["f.json"], fault
+        assert ("disk full" in str(err.value)) == (fault.action == "ENOSPC")
+
+
+def test_write_atomic_call_order(tmp_path):
+    """Durability order: write → fsync(tmp) → replace → fsync(dir)."""
+    calls = []
+    real = {op: getattr(os, op) for op in ("write", "fsync", "replace")}
+
+    def spy(op):
+        def f(*a, **k):
+            calls.append(op)
+            return real[op](*a, **k)
+        return f
+
+    for op in real:
+        setattr(os, op, spy(op))
+    try:
+        write_atomic(tmp_path / "x", b"data")
+    finally:
+        for op, fn in real.items():
+            setattr(os, op, fn)
+    assert calls == ["write", "fsync", "replace", "fsync"]
+
+
+def _limited(nbytes: int):
+    def pre():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death, like a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+    return pre
+
+
+@pytest.mark.timeout(300)
+def test_cli_ingest_on_a_full_disk_exits_4_and_keeps_the_other_memory(tmp_path, tiny_dir, tiny, sample_doc, store,
+                                                                      isolated_home):
+    setup_home(isolated_home, tiny, sample_doc, store)
+    keep = snapshot(isolated_home / "memories" / "keep")
+    doc = tmp_path / "big.txt"
+    doc.write_text(sample_doc.joined() * 3)
+    # The kernel refuses any file over 20 KB: the first chunk file of 64 tokens × 2 layers is ~33 KB.
+    proc = subprocess.run([sys.executable, "-c", "from combllama.cli.main import main; main()", "ingest", str(doc),
+                           "--model", str(tiny_dir), "--device", "cpu", "--chunk-tokens", "256", "--name", "big"],
+                          capture_output=True, text=True, preexec_fn=_limited(20_000))
+    assert proc.returncode == 4, proc.stderr
+    assert "disk full" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert snapshot(isolated_home / "memories" / "keep") == keep
+    assert temp_files(isolated_home / "memories") == []
+    with SessionStore(isolated_home / "data" / "sessions.db") as s:
+        assert [t.answer for t in s.turns("chat")] == [f"answer {i}" for i in range(5)]
+
+
+SESSIONS_CHILD = """
+import sys
+from combllama.sessions.store import SessionStore
+from combllama.sessions.errors import SessionError
+try:
+    with SessionStore(sys.argv[1]) as s:
+        if sys.argv[2] == "pages":  # SQLite's own full-disk simulation: no page past the current count
+            s.db.execute("PRAGMA max_page_count = " + str(s.db.execute("PRAGMA page_count").fetchone()[0]))
+        s.append_turn("chat", "big question", "x" * 2_000_000)
+except SessionError as e:
+    print(type(e).__name__, e.exit_code, str(e).count(chr(10)))
+    sys.exit(e.exit_code)
+print("saved")
+"""
+
+
+@pytest.mark.parametrize("how, error, code", [
+    ("pages", "SessionDiskFullError", 4),  # SQLITE_FULL, what ENOSPC becomes inside SQLite
+    ("fsize", "SessionDatabaseError", 1),  # EFBIG from the kernel: SQLite reports SQLITE_IOERR_WRITE
+])
+def test_sessions_database_on_a_full_disk(isolated_home, how, error, code):
+    db = isolated_home / "data" / "sessions.db"
+    with SessionStore(db) as s:
+        s.create("chat")
+        for i in range(5):
+            s.append_turn("chat", f"question {i}", f"answer {i}")
+    size = max(p.stat().st_size for p in db.parent.iterdir())
+    proc = subprocess.run([sys.executable, "-c", SESSIONS_CHILD, str(db), how], capture_output=True, text=True,
+                          preexec_fn=_limited(size + 64 * 1024) if how == "fsize" else None)
+    assert proc.stdout.split()[:3] == [error, str(code), "0"], proc.stdout + proc.stderr
+    assert proc.returncode == code
+    with SessionStore(db) as s:  # every earlier turn intact, the failed one absent, and writable again
+        assert [(t.question, t.answer) for t in s.turns("chat")] == [(f"question {i}", f"answer {i}")
+                                                                    for i in range(5)]
+        s.append_turn("chat", "after", "ok")
+        assert s.turns("chat")[-1].answer == "ok"
+
+
+def test_free_disk_is_checked_before_ingest(tiny, sample_doc, store, monkeypatch, tiny_dir, tmp_path):
+    import shutil as _shutil
+
+    import combllama.core.encode as encode
+
+    usage = _shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(encode.shutil, "disk_usage", lambda p: usage._replace(free=1024 * 1024))
+    with pytest.raises(ResourceError, match="not enough disk space") as err:
+        ingest(tiny, sample_doc, get_method("full"), store, name="nope")
+    assert "COMBLLAMA_MEMORY_DIR" in str(err.value)
+    assert not (store.root / "nope").exists()  # refused before anything was written
+    doc = tmp_path / "doc.md"
+    doc.write_text(sample_doc.joined())
+    result = CliRunner().invoke(cli, ["ingest", str(doc), "--model", str(tiny_dir), "--device", "cpu"])
+    assert result.exit_code == 4 and "not enough disk space" in result.output
+
+
+def test_disk_estimate_covers_what_is_written(tiny, sample_doc, store):
+    from combllama.core.encode import disk_needed, plan_memory
+
+    method = get_method("full")
+    plan = plan_memory(tiny, sample_doc, method, EncodeConfig(chunk_tokens=64))
+    ingest(tiny, sample_doc, method, store, name="m", config=EncodeConfig(chunk_tokens=64))
+    written = sum(p.stat().st_size for p in (store.root / "m").rglob("*") if p.is_file())
+    estimate = disk_needed(plan, method, tiny)
+    assert written <= estimate <= 1.5 * written + 64 * 1024, (written, estimate)
+    assert json.loads((store.root / "m" / "MANIFEST.json").read_text())["ingest"]["state"] == "complete"
