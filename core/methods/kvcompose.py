@@ -1,13 +1,13 @@
 """`kvcompose`: KVCompose (arXiv 2509.05165; kvpress `KVComposePress`) — attention-guided, layer-adaptive
 composite-token memories, encoded chunk by chunk at bounded memory. Knows nothing of files or text.
 
-Per chunk: prefill it on top of the compressed memory of the chunks before it, then probe it — `repeat`
-(the chunk re-read after itself, KVzip-like, kvpress's default) or `window` (its own last `window` queries,
-SnapKV-like, no second pass) — scoring its tokens blockwise (running max/mean over probe queries; never a
-full attention matrix). Scores → per KV head (mean over the group) → composite tokens (rank r of layer l
-bundles every head's r-th best token) → a global top-N over (layer, rank), layer 0 never cut more than any
-other → each head keeps its top-B_l. The global rule runs per chunk (N = kept fraction × layers × chunk
-tokens), so chunks never change once committed and peak memory is the budget plus one chunk and its probe.
+Per chunk: prefill it over the compressed memory of the chunks before it; probe it — `repeat` (the chunk
+re-read after itself, KVzip-like, kvpress's default) or `window` (its last `window` queries, SnapKV-like) —
+scoring its tokens blockwise (running max/mean over probe queries, never a full attention matrix); per KV
+head scores → composite tokens (rank r of layer l = every head's r-th best token) → global top-N over
+(layer, rank), layer 0 never cut more than another → each head keeps its top-B_l. The global rule runs per
+chunk (N = kept fraction × layers × chunk tokens): committed chunks never change; peak memory = budget +
+one chunk and its probe.
 
 Stored per chunk: "k", "v" [entries, head_dim] (layer-major, then KV head, then original order), "pos"
 int64 [entries] (original position: index in the memory sequence), "counts" int32 [layers, kv_heads].
@@ -18,14 +18,13 @@ window - reserve) (spread evenly over [0, P) when a layer holds more than P), ke
 P. Encoding uses the original positions while the chunk and its probe fit the window, the compact rule
 (with the chunk and probe in place of the reserve) after that.
 
-Layers (and, unstructured, heads) differ in length, so encoding and attach switch the model to the
-registered `combllama_ragged` attention: SDPA with a bottom-right causal mask built per layer and key
-masks for padded heads. On equal-length caches it computes what SDPA does (batch 1, no padding).
+Layers (and unstructured heads) differ in length: encoding and attach switch the model to the registered
+`combllama_ragged` attention, SDPA with a bottom-right causal mask per layer and key masks for padded
+heads (batch 1; on equal-length caches it computes what SDPA does).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from ..errors import BadInputError
 from .base import Encoder, KVMemory, Method, Options, make_cache
@@ -89,6 +88,10 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
         mask, causal = None, q > 1
     elif key_mask is None and q == 1:
         mask = None
+    elif key_mask is None and query.is_cuda:  # flash/efficient kernels take a bottom-right causal bias (no GQA)
+        from torch.nn.attention.bias import causal_lower_right
+
+        mask, key, value, G = causal_lower_right(q, k), key.repeat_interleave(G, 1), value.repeat_interleave(G, 1), 1
     else:
         if query.shape[0] != 1:
             raise NotImplementedError("ragged KV caches support batch size 1 only")
@@ -207,12 +210,11 @@ class _Scorer:
     """Model kwarg: per-layer probe scores of the chunk's columns [a_l, a_l + n) of each layer's keys."""
 
     def __init__(self, starts: list[int], n: int, agg: str, last: int | None):
-        self.starts, self.n, self.agg, self.last = starts, n, agg, last
-        self.scores: dict[int, Any] = {}
+        self.starts, self.n, self.agg, self.last, self.scores = starts, n, agg, last, {}
 
     def __call__(self, layer, query, key, scaling, key_mask):
-        a = self.starts[layer]
-        self.scores[layer] = probe_scores(query, key, a, a + self.n, scaling, self.agg, self.last, key_mask)
+        a, b = self.starts[layer], self.starts[layer] + self.n
+        self.scores[layer] = probe_scores(query, key, a, b, scaling, self.agg, self.last, key_mask)
 
 
 class _Heads:
@@ -220,18 +222,18 @@ class _Heads:
 
     def __init__(self, n_heads: int):
         self.runs: list[list] = [[] for _ in range(n_heads)]  # per head: [(k [m, D], v [m, D], pos [m]), ...]
-        self._flat: list | None = None
+        self._flat: list | None = None  # cache of flat()
 
     def add(self, j: int, k, v, pos) -> None:
         self.runs[j].append((k, v, pos))
         self._flat = None
 
-    def flat(self) -> list:
-        """Per head (k [m, D], v [m, D], pos [m]), concatenated once per change."""
+    def flat(self) -> list:  # per head (k [m, D], v [m, D], pos [m]), concatenated once per change
         import torch
 
         if self._flat is None:
             self._flat = [tuple(torch.cat(x) for x in zip(*runs)) for runs in self.runs]
+            self.runs = [[f] for f in self._flat]  # one copy of the memory, not two
         return self._flat
 
 
@@ -308,7 +310,7 @@ class KVComposeEncoder(Encoder):
         kv = _assemble(self.layers, positions, rotary, dev, dt) if self.layers[0].runs[0] else []
         starts = [x[0].shape[2] for x in kv] or [0] * self.n_layers
         masks = [x[2] for x in kv] if any(x[2] is not None for x in kv) else None
-        cache = make_cache([(k, v) for k, v, _ in kv])
+        cache, kv = make_cache([(k, v) for k, v, _ in kv]), None  # no extra reference once update() cats
         scorer = _Scorer(starts, n, opts.agg_task, opts.window if opts.probe == "window" else None)
         pos = torch.arange(base, base + n, device=dev)[None]
         use_ragged_attention(model)
@@ -379,9 +381,7 @@ class KVCompose(Method):
                 continue
             for l, j, k, v, p in _unpack(tensors, L):
                 layers[l].add(j, k, v, p)
-            n0 = int(tensors["counts"][0].max())
-            spans.append((at, at + n0))
-            at += n0
+            spans.append((at, (at := at + int(tensors["counts"][0].max()))))  # layer 0's physical span
         if not spans:
             raise BadInputError(f"{manifest.get('name')}: the memory holds no tokens")
         logical = manifest["positions"]["logical_length"]

@@ -220,3 +220,24 @@ def test_keep_recent_keeps_the_tail_inside_the_budget(ref_model):
             kept[i] |= set(p.tolist())
     assert all(set(range(n - 30, n)) <= k for k in kept)
     assert abs(sum(len(k) for k in kept) / (2 * L) - n / 2) <= 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_encode_attach_and_ragged_question(ref_model, dtype):
+    model, ids = ref_model
+    gpu = _script().build_model("sdpa")[0].to("cuda", dtype)
+    case = REFERENCE["cases"][0]
+    _, blocks, _ = _encode(gpu, ids, budget=Budget(fraction=1 - case["compression_ratio"]))
+    if dtype == torch.float32:  # bf16 attention moves near-ties; fp32 must match kvpress on CUDA too
+        assert _kept(blocks[0][1]) == case["kept"]
+    method, blocks, manifest = _encode(gpu, ids, chunk=32)
+    assert all(t["k"].device.type == "cpu" and t["k"].dtype == dtype for _, t in blocks)
+    q = [11, 12, 13, 14]
+    mem = method.attach(gpu, manifest, blocks)
+    at_once = prefill(gpu, q, mem.cache, mem.logical_length, mem.lengths[0]).float()
+    mem = method.attach(gpu, manifest, blocks)
+    for i, t in enumerate(q):
+        one = prefill(gpu, [t], mem.cache, mem.logical_length + i, mem.lengths[0] + i).float()
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(at_once, one, rtol=tol, atol=tol)
