@@ -25,7 +25,7 @@ def tree_rows(files: list[tuple[str, int]], root: str) -> list[tuple[int, str, i
     return rows
 
 
-def report(path: str, document, counted, estimates, info, top: int) -> dict:
+def report(path: str, document, counted, estimates, top: int) -> dict:
     """The JSON record of one PATH (schema: docs/cli.md)."""
     from .. import ingest as sources
 
@@ -64,7 +64,8 @@ def render_text(rec: dict, with_tree: bool, echo) -> None:
         for reason in skips:
             examples = [s for s in rec["skipped"] if s["reason"] == reason][:3]
             more = skips[reason] - len(examples)
-            echo(safe(f"  {reason:<14} " + ", ".join(s["path"] for s in examples) + (f" … (+{more:,})" if more else "")))
+            tail = f" … (+{more:,})" if more else ""
+            echo(safe(f"  {reason:<14} " + ", ".join(s["path"] for s in examples) + tail))
     else:
         echo("skipped 0")
     for w in rec["warnings"][:5]:
@@ -90,7 +91,8 @@ def render_text(rec: dict, with_tree: bool, echo) -> None:
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=str), metavar="PATH...")
 @click.option("--tree", "show_tree", is_flag=True, help="Also print the folder tree with token totals.")
-@click.option("--top", default=10, show_default=True, type=click.IntRange(0), help="How many of the largest files to list.")
+@click.option("--top", default=10, show_default=True, type=click.IntRange(0),
+              help="How many of the largest files to list.")
 @click.option("--budget", default=None, metavar="FRACTION|TOKENS", help="Budget the memory estimates assume.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @source_options
@@ -126,12 +128,12 @@ def count(paths, show_tree, top, budget, quiet, include, exclude, password_stdin
         document = load_document(path, options, include, exclude)
         t2 = time.perf_counter()
         if not quiet:
-            note(f"tokenizing {len(document.joined()):,} characters with the {info.name} tokenizer …")
+            note(f"tokenizing {sum(len(s.text) for s in document.sections):,} characters with the {info.name} tokenizer …")
         counted = count_document(info.tokenizer, document)
         t3 = time.perf_counter()
         read_s, tok_s = read_s + t2 - t1, tok_s + t3 - t2
         estimates = estimate_memory(info, counted.tokens, counted.prefix_tokens, parsed_budget)
-        records.append(report(path, document, counted, estimates, info, top))
+        records.append(report(path, document, counted, estimates, top))
     total = {"files": sum(r["files"] for r in records), "tokens": sum(r["tokens"] for r in records),
              "chars": sum(r["chars"] for r in records), "skipped": sum(len(r["skipped"]) for r in records),
              "skip_summary": sources.skip_summary([sources.Skip(s["path"], s["reason"]) for r in records
@@ -150,7 +152,8 @@ def count(paths, show_tree, top, budget, quiet, include, exclude, password_stdin
             click.echo()
         render_text(rec, show_tree, click.echo)
     if len(records) > 1:
-        click.echo(f"\ntotal · {total['files']:,} file(s) · {total['tokens']:,} tokens · {total['skipped']:,} skipped")
+        click.echo(f"\ntotal · {total['files']:,} file(s) · {total['tokens']:,} tokens · "
+                   f"{total['skipped']:,} skipped")
     if not quiet:
         note(f"{info.name} tokenizer · {info.kv_dtype} KV · {info.kv_bytes_per_token:,} B/token uncompressed · "
              f"{seconds['total']:.1f} s (read {seconds['read']:.1f} s, tokenize {seconds['tokenize']:.1f} s)")

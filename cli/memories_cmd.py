@@ -239,8 +239,8 @@ def prune(older_than, max_size, dry_run, as_json):
         click.echo(json.dumps({"dry_run": dry_run, "removed": done}, indent=2))
         return
     for d in done:
-        line = f"{d['status']:<12} {d['name']}  {human_bytes(d['disk_bytes'])}  last used {d['last_used']}  ({d['reason']})"
-        click.echo(line)
+        click.echo(f"{d['status']:<12} {d['name']}  {human_bytes(d['disk_bytes'])}  last used {d['last_used']}  "
+                   f"({d['reason']})")
     freed = sum(d["disk_bytes"] for d in done if d["status"] != "busy")
     note(f"{'would free' if dry_run else 'freed'} {human_bytes(freed)} from {len(done)} memory(ies)"
          if done else "nothing to prune")
