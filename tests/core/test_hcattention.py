@@ -268,3 +268,12 @@ def test_other_memories_served_the_hcattention_way(tiny, long_doc, store, base):
     assert default.accounts["device_share"] <= 0.125
     assert float((prefill(tiny.model, q, default.cache, default.logical_length, 0).softmax(-1)
                   - ref.softmax(-1)).abs().sum()) < 0.1
+
+
+def test_a_memory_read_by_another_attention_is_refused(tiny, sample_doc, store):
+    from combllama.core.methods.kvcompose import use_ragged_attention
+
+    _, hc = _memory(tiny, sample_doc, store, "hcattention", {"calib_tokens": 64})
+    use_ragged_attention(tiny.model)  # what attaching a kvcompose memory afterwards does
+    with pytest.raises(BadInputError, match="attach it again"):
+        prefill(tiny.model, [1, 2, 3], hc.cache, hc.logical_length, 0)

@@ -140,9 +140,22 @@ def _hc_cache(n_layers: int, kv_heads: int, head_dim: int, device, dtype, store:
     """An empty DynamicCache (one zero-length layer per model layer) that holds only the tail: the question
     and answer tokens. `attention_kwargs` (read by base.prefill) hands the store to `combllama_hc`."""
     import torch
+    from transformers import DynamicCache
+
+    class HCCache(DynamicCache):
+        """Refuses to be read by any attention but `combllama_hc` (another memory attached later may have
+        switched the model's attention; without this check the memory would silently be ignored)."""
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            if store._updates != store._calls:
+                store._updates = store._calls = 0
+                raise BadInputError("this hcattention memory was read without its attention function (a memory "
+                                    "attached later switched the model's attention); attach it again")
+            store._updates += 1
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     empty = torch.zeros(1, kv_heads, 0, head_dim, device=device, dtype=dtype)
-    cache = make_cache([(empty, empty) for _ in range(n_layers)])
+    cache = HCCache(ddp_cache_data=[(empty, empty) for _ in range(n_layers)])
     cache.attention_kwargs = {"combllama_hc": store}
     return cache
 

@@ -86,7 +86,8 @@ class Store:
                                                   "host": 0})
     _staging: dict = field(default_factory=dict)
     _copy_event: Any = None
-    _calls: int = 0
+    _calls: int = 0  # layer reads by hc_attention
+    _updates: int = 0  # layer updates of the tail cache (must be followed by a read, see method._hc_cache)
 
     def reset_stats(self) -> None:
         for k in self.times:
@@ -241,14 +242,14 @@ def read_layer(store: Store, li: int, query, key, value, scaling: float):
     mask = select(approx, torch.logsumexp(res_logits, -1), store.tau)
     idx, valid = _padded_indices(mask)  # [H, k]
     k = idx.shape[1]
+    store.counts["selected"] += int(valid.sum())
+    store.counts["selectable"] += H * n if lay.mid_valid is None else int(lay.mid_valid.sum())
+    store.counts["steps"] += 1
     if k == 0:  # the resident tokens already hold τ in every row
         t0 = store._tick(dev, "selection", t0)
         out = res_logits.softmax(-1) @ rv
         store._tick(dev, "attention", t0)
         return out.reshape(H, G, q, D).reshape(Hq, q, D).transpose(0, 1)[None].to(query.dtype)
-    store.counts["selected"] += int(valid.sum())
-    store.counts["selectable"] += H * n if lay.mid_valid is None else int(lay.mid_valid.sum())
-    store.counts["steps"] += 1
     sel_approx = None if store.exact_keys else approx.gather(2, idx[:, None, :].expand(H, R, k))  # [H, R, k]
     flat = (idx + torch.arange(H, device=dev)[:, None] * n).reshape(-1).cpu()  # host row indices
     valid_cpu = valid.cpu()
