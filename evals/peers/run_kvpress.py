@@ -54,6 +54,35 @@ def prefill(model, ids, press):
     return cache
 
 
+def prefill_ratios(model, ids, presses: dict):
+    """{ratio: compressed cache} for one ScorerPress class at several ratios from ONE prefill.
+
+    Exact, not an approximation: kvpress compresses a layer's cache after that layer's attention ran
+    on the full keys, so the prefill's hidden states (and every press's scores) do not depend on the
+    ratio. The hook of the first press calls each press's own ScorerPress.compress on the full
+    keys/values and keeps the full cache for the layers above, as an uncompressed prefill would.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    kept = {r: [] for r in presses}
+    first = next(iter(presses.values()))
+    for p in presses.values():
+        p.post_init_from_model(model)
+    own = {r: p.compress for r, p in presses.items()}  # bound before the first one is replaced
+
+    def compress(module, hidden_states, keys, values, attentions, kwargs):
+        for r, fn in own.items():
+            k, v = fn(module, hidden_states, keys, values, attentions, kwargs)
+            kept[r].append((k.clone(), v.clone()))
+        return keys, values
+
+    first.compress = compress  # instance attribute: the registered hook calls it
+    with torch.inference_mode(), first(model):
+        model.model(input_ids=torch.tensor([ids], device=model.device), past_key_values=DynamicCache())
+    return {r: DynamicCache(ddp_cache_data=kv) for r, kv in kept.items()}
+
+
 def entries(cache) -> int:
     """KV entries (tokens × KV heads, summed over layers) the compressed cache holds."""
     return sum(int(lay.keys.shape[1] * lay.keys.shape[2]) for lay in cache.layers)
@@ -121,11 +150,10 @@ def main(inp: str, outp: str) -> None:
     rows = []
     for case in spec["cases"]:
         ctx, T = case["context_ids"], len(case["context_ids"])
-        base_cache, ref = None, None
 
-        def run(press_name, ratio, press):
-            t0 = time.perf_counter()
-            cache = prefill(model, ctx, press)
+        def run(press_name, ratio, press=None, cache=None, t0=None):
+            t0 = t0 if t0 is not None else time.perf_counter()
+            cache = cache if cache is not None else prefill(model, ctx, press)
             row = {"press": press_name, "ratio": ratio, "case": case["id"], "status": "ok",
                    "kv_entries": entries(cache), "full_kv_entries": L * H * T, "stepwise": uneven(cache)}
             if case["continuation_ids"]:
@@ -135,20 +163,33 @@ def main(inp: str, outp: str) -> None:
             row["seconds"] = round(time.perf_counter() - t0, 3)
             return row
 
-        base = run("none", 0.0, None)
+        def error(name, ratio, e):
+            return {"press": name, "ratio": ratio, "case": case["id"], "status": "error",
+                    "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+
+        base = run("none", 0.0)
         ref = base.get("_logits")
         for name in spec["presses"]:
-            for ratio in spec["ratios"]:
-                if ratio == 0:  # kvpress presses return untouched at ratio 0: the uncompressed run
-                    row = {**base, "press": name, "ratio": 0.0, "press_inactive": True}
+            ratios = [r for r in spec["ratios"] if r > 0]
+            out = {r: {**base, "press": name, "ratio": 0.0, "press_inactive": True}  # presses return untouched at 0
+                   for r in spec["ratios"] if r == 0}
+            try:
+                presses = {r: make_press(name, r) for r in ratios}
+                if ratios and all(isinstance(p, kvpress.ScorerPress) for p in presses.values()):
+                    t0 = time.perf_counter()
+                    caches = prefill_ratios(model, ctx, presses)
+                    share = (time.perf_counter() - t0) / len(caches)  # the one prefill, split over its ratios
+                    for r in ratios:
+                        out[r] = run(name, r, cache=caches[r], t0=time.perf_counter() - share)
                 else:
-                    try:
-                        row = run(name, ratio, make_press(name, ratio))
-                    except Exception as e:  # a press that cannot run on this model is a result, not a crash
-                        row = {"press": name, "ratio": ratio, "case": case["id"], "status": "error",
-                               "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+                    for r in ratios:
+                        out[r] = run(name, r, make_press(name, r))
+            except Exception as e:  # a press that cannot run on this model is a result, not a crash
+                for r in ratios:
+                    out.setdefault(r, error(name, r, e))
+            for r in spec["ratios"]:
+                row = dict(out[r])
                 if "_logits" in row:
-                    row = dict(row)
                     row["fidelity"] = metrics.token_stats(ref, row.pop("_logits"), case["continuation_ids"][1:])
                 rows.append(row)
         print(f"kvpress: {case['id']} done", file=sys.stderr, flush=True)
