@@ -40,4 +40,5 @@ evals-smoke: install
 
 evals-full: evals-data evals-peers
 	nice -n 10 $(BIN)/python -m combllama.evals run --methods $(EVALS_METHODS) --budgets 1,0.5,0.25,0.125 \
-		--tasks fidelity,retrieval,qa,citation --suite full --out evals/results/smollm2-cpu
+		--tasks fidelity,retrieval,qa,citation --suite full --size ruler_tasks=niah_single_2,niah_multikey_1 \
+		--size passkey_depths=0.1,0.9 --out evals/results/smollm2-cpu
