@@ -81,11 +81,11 @@ class MemoryWriter:
         with storage(root):
             root.mkdir(parents=True, exist_ok=True, mode=0o700)
         lock = FileLock(str(root / "LOCK"), timeout=timeout)
-        try:
-            with storage(root / "LOCK"):
+        with storage(root / "LOCK"):
+            try:
                 lock.acquire()
-        except Timeout:
-            raise BusyError(f"{root.name}: another combllama process is writing this memory") from None
+            except Timeout:  # filelock's Timeout is a TimeoutError (an OSError): busy, not a disk problem
+                raise BusyError(f"{root.name}: another combllama process is writing this memory") from None
         return lock
 
     @classmethod
