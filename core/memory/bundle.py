@@ -16,8 +16,8 @@ from typing import Iterator
 
 from ..errors import BusyError, CorruptMemoryError, IncompatibleMemoryError, NotAMemoryError
 from .durable import fsync_dir, storage, write_atomic
-from .format import (CHUNK_FILE, FORMAT, FORMAT_VERSION, MAX_MANIFEST_BYTES, canonical_json, parse_manifest,
-                     safetensors_header)
+from .format import (CHUNK_FILE, FORMAT, FORMAT_VERSION, MAX_MANIFEST_BYTES, parse_manifest, safetensors_header,
+                     seal_manifest)
 
 MANIFEST = "MANIFEST.json"
 TOKENS = "tokens.safetensors"
@@ -95,6 +95,7 @@ class MemoryWriter:
 
         lock = cls._acquire(root, lock_timeout)
         try:
+            sweep_tombs(root.parent)
             if (root / MANIFEST).exists():
                 raise CorruptMemoryError(f"{root.name}: a memory already exists here")
             with storage(root):
@@ -134,6 +135,7 @@ class MemoryWriter:
             writer = cls(root, manifest, lock)
             with storage(root):
                 writer.clean_orphans()
+                sweep_tombs(root.parent)
             return writer
         except BaseException:
             lock.release()
@@ -176,7 +178,7 @@ class MemoryWriter:
     def commit(self, **updates) -> None:
         """Atomically replace MANIFEST.json with the current state (the one commit point)."""
         self.manifest.update(updates)
-        data = canonical_json(self.manifest)
+        data = seal_manifest(self.manifest)
         if len(data) > MAX_MANIFEST_BYTES:
             raise CorruptMemoryError(f"{self.root.name}: manifest would exceed {MAX_MANIFEST_BYTES} bytes")
         write_atomic(self.root / MANIFEST, data, self.root / "tmp")
@@ -290,6 +292,32 @@ def _version() -> str:
         return version("combllama")
     except PackageNotFoundError:  # pragma: no cover - running from a source tree
         return "0+unknown"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_tombs(parent: Path) -> list[str]:
+    """Delete bundles whose removal was cut short (`.NAME.deleting.PID.TIME` of a process that is gone):
+    remove_bundle renames before it deletes, so a kill in between leaves the renamed directory."""
+    swept = []
+    for p in parent.glob(".*.deleting.*"):
+        try:
+            pid = int(p.name.rsplit(".", 2)[-2])
+        except ValueError:
+            continue
+        if pid != os.getpid() and _alive(pid):
+            continue  # still being deleted by its owner
+        shutil.rmtree(p, ignore_errors=True)
+        swept.append(p.name)
+    return swept
 
 
 def remove_bundle(root: Path, lock_timeout: float = 10.0) -> None:

@@ -14,12 +14,15 @@ method {name, version, params}, chunking {chunk_tokens}, prompt {system_sha256, 
 source {name, kind, sha256, doc_tokens, doc_start, doc_end, skipped, warnings}, content_key,
 positions {logical_length, layout}, tokens {file, sha256, count}, chunks [{seq, start, end,
 tokens_sha256, source, file, bytes, sha256, tensors {name: [dtype, shape]}}], ingest {state, next_seq,
-planned}. A chunk exists only once a committed manifest lists it.
+planned}, manifest_sha256 (sha256 of the canonical JSON of every other field: a damaged manifest is
+refused instead of served; manifests written before it existed have none and are still read).
+A chunk exists only once a committed manifest lists it.
 
 Readers check cheapest first and raise only the typed errors of core.errors. No torch here.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -78,6 +81,20 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
+CHECKSUM = "manifest_sha256"
+LAYOUTS = ("original", "compact")
+
+
+def manifest_checksum(m: dict) -> str:
+    return hashlib.sha256(canonical_json({k: v for k, v in m.items() if k != CHECKSUM})).hexdigest()
+
+
+def seal_manifest(m: dict) -> bytes:
+    """The bytes a writer commits: canonical JSON with a fresh manifest_sha256."""
+    body = {k: v for k, v in m.items() if k != CHECKSUM}
+    return canonical_json({**body, CHECKSUM: manifest_checksum(body)})
+
+
 def parse_manifest(data: bytes, where: str) -> dict:
     """Validate a manifest: what it is, whether we may read it, and whether it is self-consistent."""
     if data[:1] != b"{":
@@ -94,6 +111,8 @@ def parse_manifest(data: bytes, where: str) -> dict:
     unknown = set(m.get("required_features") or []) - KNOWN_FEATURES
     if unknown:
         raise UnsupportedVersionError(f"{where}: needs features this combllama lacks: {', '.join(sorted(unknown))}; upgrade")
+    if CHECKSUM in m and m[CHECKSUM] != manifest_checksum(m):
+        raise CorruptMemoryError(f"{where}: manifest checksum mismatch (MANIFEST.json is damaged)")
     _check_schema(m, where)
     return m
 
@@ -119,6 +138,8 @@ def _check_schema(m: dict, where: str) -> None:
     count = m["tokens"].get("count")
     _req(_is_int(count), where, "tokens.count out of range")
     _req(_is_int(m["positions"].get("logical_length")), where, "positions.logical_length out of range")
+    _req(m["positions"]["logical_length"] == count, where, "positions.logical_length differs from tokens.count")
+    _req(m["positions"].get("layout", "original") in LAYOUTS, where, "positions.layout unknown")
     state = m["ingest"].get("state")
     _req(state in ("partial", "complete"), where, f"ingest.state {state!r}")
     prev_end = 0

@@ -12,7 +12,7 @@ from combllama.cli.main import cli
 from combllama.core.encode import EncodeConfig, ingest
 from combllama.core.errors import (CorruptMemoryError, IncompatibleMemoryError, NotAMemoryError,
                                    UnsupportedVersionError)
-from combllama.core.memory.format import canonical_json
+from combllama.core.memory.format import canonical_json, seal_manifest
 from combllama.core.methods import get_method
 
 
@@ -104,7 +104,7 @@ def test_pickle_renamed_to_a_chunk(memory, store, tiny):
 def test_manifest_mutations(memory, store, tiny, mutate, error):
     m = json.loads((memory.root / "MANIFEST.json").read_text())
     mutate(m)
-    (memory.root / "MANIFEST.json").write_bytes(canonical_json(m))
+    (memory.root / "MANIFEST.json").write_bytes(seal_manifest(m))
     with pytest.raises(error):
         _load_all(store, memory, tiny.fingerprint)
 
@@ -134,7 +134,7 @@ def test_nan_in_tensors(memory, store, tiny):
     (memory.root / new_file).write_bytes(data)
     m = json.loads((memory.root / "MANIFEST.json").read_text())
     m["chunks"][0].update(file=new_file, sha256=sha, bytes=len(data))
-    (memory.root / "MANIFEST.json").write_bytes(canonical_json(m))
+    (memory.root / "MANIFEST.json").write_bytes(seal_manifest(m))  # checksums all valid: only the NaN check is left
     with pytest.raises(CorruptMemoryError, match="NaN"):
         _load_all(store, memory, tiny.fingerprint)
     assert torch.isnan(tensors["k"]).any()
