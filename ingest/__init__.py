@@ -6,9 +6,11 @@ content sniffing; `scan(path)` lists what a load would read and skip without rea
 """
 from __future__ import annotations
 
+import lzma
 import os
 import stat
 import zipfile
+import zlib
 from pathlib import Path
 
 from .base import IngestOptions, Source
@@ -45,7 +47,8 @@ def sniff(path: Path) -> Source | None:
                     return SOURCES["epub"]
                 if "META-INF/container.xml" in names:
                     return SOURCES["epub"]
-        except (zipfile.BadZipFile, OSError, ValueError, KeyError):
+        except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError, NotImplementedError, RuntimeError,
+                zlib.error, lzma.LZMAError):
             return None
         return None
     lowered = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()

@@ -4,8 +4,10 @@ never extracted to disk. Stdlib only; knows nothing about EPUB.
 """
 from __future__ import annotations
 
+import lzma
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +52,8 @@ class SafeZip:
         try:
             zf = zipfile.ZipFile(path)
             infos = zf.infolist()
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
+            # NotImplementedError: a zip "version" this zipfile does not read (found by atheris)
             raise SourceError(f"{name}: not a readable zip archive ({e})") from None
         if len(infos) > options.zip_max_entries:
             raise SourceError(f"{name}: zip-unsafe: {len(infos):,} entries is over the limit of "
@@ -87,8 +90,9 @@ class SafeZip:
         try:
             with self.zf.open(info) as f:
                 data = f.read(limit + 1)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as e:
-            # RuntimeError: an encrypted member ("password required")
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError, zlib.error,
+                lzma.LZMAError) as e:
+            # RuntimeError: an encrypted member ("password required"); zlib.error: a corrupt deflate stream
             raise SourceError(f"{self.path.name}: cannot read {escape_name(member)} ({e})") from None
         if len(data) > limit:
             raise SourceError(f"{self.path.name}: zip-unsafe: entry {escape_name(member)} inflates past its "

@@ -1,0 +1,67 @@
+"""Fuzzing: every committed corpus input and every past crash replays through its target with only
+typed errors; the PDF corpus also goes through the real extraction process; and each target runs
+under atheris for a few seconds (the full run, harness.py, gives each 60 s and merges new inputs)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from fuzzrun import FUZZ, run_target
+
+sys.path.insert(0, str(FUZZ))
+import targets  # noqa: E402
+
+CORPUS_SECONDS = 3
+
+
+def _inputs(target: str) -> list[Path]:
+    files = []
+    for d in (FUZZ / "corpus" / target, FUZZ / "regressions" / target):
+        if d.is_dir():
+            files += sorted(d.iterdir())
+    return files
+
+
+@pytest.mark.parametrize("target", sorted(targets.TARGETS))
+def test_corpus_replays_with_typed_errors_only(target):
+    files = _inputs(target)
+    assert files, f"fuzz/corpus/{target} is empty"
+    for path in files:
+        targets.TARGETS[target](path.read_bytes())  # raises on anything but the target's typed errors
+
+
+def test_pdf_corpus_through_the_worker_process(tmp_path):
+    from combllama.ingest import IngestError, IngestOptions
+    from combllama.ingest.pdf import PdfSource
+
+    for path in _inputs("pdf"):
+        copy = tmp_path / "doc.pdf"
+        copy.write_bytes(path.read_bytes())
+        try:
+            PdfSource().read(copy, IngestOptions(pdf_timeout_s=30))
+        except IngestError as e:
+            assert "\n" not in str(e)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("target", sorted(targets.TARGETS))
+def test_atheris_finds_no_crash(target, tmp_path):
+    result = run_target(target, CORPUS_SECONDS, tmp_path)
+    assert result.crashes == [], result.tail
+    assert result.rc == 0, result.tail
+    assert result.runs > 0, result.tail
+
+
+def test_corrupt_deflate_stream_in_an_epub_is_a_source_error(tmp_path):
+    """Found by atheris (fuzz/regressions/epub): zlib.error escaped SafeZip.read and sniff()."""
+    from combllama import ingest
+    from combllama.ingest import SourceError
+
+    crash = sorted((FUZZ / "regressions" / "epub").iterdir())[0]
+    for name in ("book.epub", "book.bin"):  # by suffix, and by content sniffing
+        path = tmp_path / name
+        path.write_bytes(crash.read_bytes())
+        with pytest.raises(ingest.IngestError) as err:
+            ingest.load(path)
+        assert isinstance(err.value, SourceError) or "no source reads" in str(err.value)
