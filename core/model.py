@@ -293,6 +293,33 @@ def load_tokenizer(spec: ModelSpec, paths: Paths | None = None) -> TokenizerInfo
                          dtype.itemsize)
 
 
+# Exercises byte-level merges, digits, whitespace runs, non-Latin scripts, emoji and special tokens.
+_PROBE = ("The quick brown fox, 1234567890 ±½ — naïve café déjà vu\n\t  indented  code(): return x**2\n"
+          "Ελληνικά русский 中文 日本語 한국어 العربية 🦙🚀 <|im_start|>user<|im_end|>\r\n")
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """sha256 of what decides token ids: vocabulary, merges, added tokens, and the ids of a probe text.
+
+    Not the serialized tokenizer.json: transformers versions convert the same GGUF into files that
+    differ in decoder and offset settings (seen: 5.17 vs 5.23) while producing identical ids, and a
+    memory made on one machine must open on the other.
+    """
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        model = spec.get("model") or {}
+        # Merges are "a b" strings in older tokenizer.json files and [a, b] pairs in newer ones.
+        merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges") or []]
+        h.update(json.dumps([model.get("type"), sorted((model.get("vocab") or {}).items()), merges]).encode())
+        h.update(json.dumps(sorted((t["id"], t["content"]) for t in spec.get("added_tokens") or [])).encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(tokenizer(_PROBE, add_special_tokens=False)["input_ids"]).encode())
+    return h.hexdigest()
+
+
 def fingerprint(model, tokenizer) -> str:
     """`cmfp1:` + sha256 over the KV-shaping config, tokenizer, chat template and sampled weights.
 
@@ -308,8 +335,7 @@ def fingerprint(model, tokenizer) -> str:
             "tie_word_embeddings", "rope_theta", "rope_scaling", "rope_parameters")
     h = hashlib.sha256()
     h.update(json.dumps({k: getattr(c, k, None) for k in keys}, sort_keys=True, default=str).encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(tokenizer_identity(tokenizer).encode())
     h.update((tokenizer.chat_template or "").encode() if isinstance(tokenizer.chat_template, str) else b"")
     with torch.no_grad():
         for pname, p in sorted(model.state_dict().items()):
