@@ -89,7 +89,8 @@ def run(loaded, cases: list[Case], root: Path, chunk_tokens: int = 128, max_toke
     for i, case in enumerate(cases):
         doc = Document(f"needle-{i}.txt", "text", [Section(case.text, Origin(f"needle-{i}.txt", 1))],
                        sha256_text(case.text))
-        ingest(loaded, doc, get_method("full"), store, name=f"needle-{i}", config=EncodeConfig(chunk_tokens=chunk_tokens))
+        ingest(loaded, doc, get_method("full"), store, name=f"needle-{i}",
+               config=EncodeConfig(chunk_tokens=chunk_tokens))
         reader = store.open(f"needle-{i}")
         memory = from_manifest(reader.manifest).attach(loaded.model, reader.manifest, reader.chunks())
         conv = Conversation(loaded, combine(loaded, [(reader.name, reader.manifest, memory)]))

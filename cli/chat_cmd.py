@@ -47,9 +47,12 @@ def sessions_store():
                    "neutralised) or raw (exact text; the default when stdout is not a terminal).")
 @click.option("--stats", is_flag=True, help="Print token counts and speeds on stderr after each answer.")
 @click.option("--no-cite", is_flag=True, help="Do not compute or print the sources of each answer.")
-@click.option("--max-tokens", type=click.IntRange(1), default=None, help="Answer length cap (saved in the session; default 512).")
-@click.option("--temperature", type=click.FloatRange(0), default=None, help="0 is greedy (saved in the session; default 0).")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None, help="Nucleus sampling (saved; default 1).")
+@click.option("--max-tokens", type=click.IntRange(1), default=None,
+              help="Answer length cap (saved in the session; default 512).")
+@click.option("--temperature", type=click.FloatRange(0), default=None,
+              help="0 is greedy (saved in the session; default 0).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Nucleus sampling (saved in the session; default 1).")
 @click.option("--seed", type=int, default=None, help="Seed for sampling (saved in the session).")
 @model_options
 def chat(session_name, resume_latest, docs, system, render, stats, no_cite, max_tokens, temperature, top_p, seed,

@@ -260,7 +260,8 @@ class ChatApp:
             return
         st, u = self.last.stats, self.last.usage
         note(f"question {u['question_tokens']} tok · memory {u['memory_tokens']:,} tok · history "
-             f"{u['history_tokens']:,} tok · prefill {st['prefill_s']:.2f} s ({st['prefill_tok_s'] or 0:,.0f} tok/s) · "
+             f"{u['history_tokens']:,} tok · prefill {st['prefill_s']:.2f} s "
+             f"({st['prefill_tok_s'] or 0:,.0f} tok/s) · "
              f"decode {st['new_tokens']} tok in {st['decode_s']:.2f} s ({st['decode_tok_s'] or 0:.1f} tok/s) · "
              f"load {self.loaded.load_seconds:.2f} s · {self.loaded.device} "
              f"{str(self.loaded.dtype).removeprefix('torch.')}")

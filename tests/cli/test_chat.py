@@ -111,7 +111,8 @@ def test_usage_errors(tiny_dir, isolated_home):
 def test_ask_cites_and_no_cite(tiny_dir, lh):
     r = run("ask", lh, "Who?", "--model", str(tiny_dir), "--max-tokens", "3", "--json")
     out = json.loads(r.stdout)
-    assert out["sources"] and out["sources"][0]["label"].startswith("lighthouse.md:") and 0 < out["sources"][0]["share"] <= 1
+    first = out["sources"][0]
+    assert first["label"].startswith("lighthouse.md:") and 0 < first["share"] <= 1
     r = run("ask", lh, "Who?", "--model", str(tiny_dir), "--max-tokens", "3")
     assert r.exit_code == 0 and "Sources: lighthouse.md:" in r.stderr
     r = run("ask", lh, "Who?", "--model", str(tiny_dir), "--max-tokens", "3", "--no-cite", "--json")

@@ -89,7 +89,8 @@ def test_combine_two_memories_and_cite_into_the_right_one(tiny):
     a, b = list(range(500, 540)), list(range(700, 760))
     ma, mb = _memory(tiny.model, a), _memory(tiny.model, b)
     man = lambda n, spans: {"prompt": {"prefix_tokens": 4}, "chunks": [  # noqa: E731
-        {"seq": i, "start": s, "end": e, "source": [{"path": n, "lines": [i + 1, i + 1]}]} for i, (s, e) in enumerate(spans)]}
+        {"seq": i, "start": s, "end": e, "source": [{"path": n, "lines": [i + 1, i + 1]}]}
+        for i, (s, e) in enumerate(spans)]}
     att = combine(tiny, [("a", man("a", ma.chunk_spans), ma), ("b", man("b", mb.chunk_spans), mb)])
     assert att.names == ["a", "b"] and att.inactive == []
     assert att.memory.logical_length == 100 and att.memory.lengths == [100, 100]
@@ -121,6 +122,7 @@ def test_conversation_drops_the_oldest_turns_to_fit(tiny):
     assert conv.prompt("q", history[:1]).dropped == 0
 
 
+@pytest.mark.slow
 def test_needle_citation_accuracy(smollm2, tmp_path):
     """The planted chunk is the first source in >= 90% of the right answers (10 cases, ~1,500 tokens,
     128-token chunks). bench/cite_needle.py runs the same measure over more cases for the record."""
