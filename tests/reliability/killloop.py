@@ -149,6 +149,11 @@ def kill_loop(workdir: Path, n: int, model_args: list[str], *, lines: int = 60, 
     home = workdir / "home"
     memories = home / "memories"
     env = dict(env or os.environ)
+    from combllama.core.paths import Paths
+
+    # The children share the caller's model cache: a conversion inside the reference run would skew
+    # the timing the random kill delays are drawn from.
+    env.setdefault("COMBLLAMA_CACHE_DIR", str(Paths.from_env(env).cache))
     env["COMBLLAMA_HOME"] = str(home)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.pop("COMBLLAMA_MEMORY_DIR", None)
