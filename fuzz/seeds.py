@@ -71,7 +71,8 @@ def document_seeds(tmp: Path) -> None:
     pdf = make_pdf(tmp / "d.pdf", [["Hello keeper", "second line"], ["page two"]], outline=[("Start", 0)])
     _put("pdf", "two-pages.pdf", pdf.read_bytes())
     _put("repo", "small", b"README.md\x01# hi\n\0src/a.py\x01print(1)\n\0D docs\0docs/x.txt\x01text")
-    _put("repo", "links", b"a.txt\x01A\0L up\x01..\0L self\x01.\0L pw\x01/etc/passwd\0.gitignore\x01*.log\n\0b.log\x01x")
+    _put("repo", "links", b"a.txt\x01A\0L up\x01..\0L self\x01.\0L pw\x01/etc/passwd\0"
+         b".gitignore\x01*.log\n\0b.log\x01x")
 
 
 def main() -> None:

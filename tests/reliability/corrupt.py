@@ -128,7 +128,8 @@ def cases(bundle: Path, rng: random.Random, flips: int, random_cuts: int, head_c
     yield Case("manifest", "duplicate-key", (raw[:-1] + ',"format":"combllama-memory"}').encode())
     yield Case("manifest", "nan", raw.replace('"count":', '"count":NaN,"x":', 1).encode())
     yield Case("manifest", "deep", ("[" * 100_000 + "]" * 100_000).encode())
-    yield Case("manifest", "deep-object", ('{"format":"combllama-memory","a":' + "[" * 5000 + "]" * 5000 + "}").encode())
+    deep = '{"format":"combllama-memory","a":' + "[" * 5000 + "]" * 5000 + "}"
+    yield Case("manifest", "deep-object", deep.encode())
     yield Case("manifest", "not-utf8", b"{\xff\xfe}")
     yield Case("manifest", "empty", b"")
     yield Case("manifest", "bom", b"\xef\xbb\xbf" + manifest_bytes)

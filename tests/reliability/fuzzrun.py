@@ -34,7 +34,8 @@ def run_target(target: str, seconds: int, work: Path, timeout_per_input: int = 2
     out.mkdir(parents=True, exist_ok=True)
     art.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(FUZZ / "run.py"), target, f"-max_total_time={seconds}",
-           f"-timeout={timeout_per_input}", f"-rss_limit_mb={rss_mb}", f"-artifact_prefix={art}/", "-print_final_stats=1",
+           f"-timeout={timeout_per_input}", f"-rss_limit_mb={rss_mb}", f"-artifact_prefix={art}/",
+           "-print_final_stats=1",
            str(out), str(seeds)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 300)
     log = proc.stdout + proc.stderr

@@ -96,7 +96,8 @@ def run_faults(work: Path, tiny, doc, quick: bool) -> dict:
     store.remove("ref")
     counts = call_counts(tiny, doc, store)
     step = 7 if quick else 1
-    faults = [Fault(op, k, action) for op in OPS for action in ("ENOSPC", "EIO") for k in range(1, counts[op] + 1, step)]
+    faults = [Fault(op, k, action) for op in OPS for action in ("ENOSPC", "EIO")
+              for k in range(1, counts[op] + 1, step)]
     faults += [Fault("fsync", k, "lose") for k in range(1, counts["fsync"] + 1, step)]
     log(f"write faults: {len(faults)} injections over calls {counts}")
     t0 = time.perf_counter()
@@ -229,7 +230,8 @@ def markdown(r: dict) -> str:
     k = r.get("kill9")
     if k:
         shim = ", ".join(f"{op} {n}" for op, n in k["shim_kills"].items())
-        lines.append(f"| kill -9 loop ({k.get('model')}) | **{k['kills']} kills survived** ({k['timed_kills']} at random "
+        lines.append(f"| kill -9 loop ({k.get('model')}) | **{k['kills']} kills survived** "
+                     f"({k['timed_kills']} at random "
                      f"delays; inside calls: {shim}; {k['kills_inside_commit']} inside a manifest commit), "
                      f"{k['completed_runs']} runs finished first; {k['committed_states_checked']} committed states "
                      f"and {k['chunks_verified']:,} chunks verified against the uninterrupted run; "
@@ -257,7 +259,8 @@ def markdown(r: dict) -> str:
         total = sum(t["runs"] for t in f.values())
         crashes = sum(len(t["crashes"]) for t in f.values())
         per = ", ".join(f"{n} {t['runs']:,}" for n, t in sorted(f.items()))
-        lines.append(f"| atheris ({len(f)} targets × {next(iter(f.values()))['seconds']} s) | **{total:,} executions** "
+        secs = next(iter(f.values()))["seconds"]
+        lines.append(f"| atheris ({len(f)} targets × {secs} s) | **{total:,} executions** "
                      f"({per}); crashes: {crashes}; corpus files now "
                      f"{sum(t['corpus_after'] for t in f.values())} |")
     for name, p in (r.get("pytest") or {}).items():
