@@ -49,6 +49,14 @@ class FastDecoder:
         self._graph = None
         self._graph_key = None
         self._logits = None
+        self.vocab = model.get_input_embeddings().num_embeddings
+
+    def _check_ids(self, ids: list[int]) -> None:
+        """Refuse token ids outside the embedding table on the host: on CUDA the lookup would fail as a
+        device-side assert, which poisons the process's CUDA context (no later call can run)."""
+        bad = [t for t in ids if not 0 <= t < self.vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the model's vocabulary (0..{self.vocab - 1})")
 
     # -- the forward ---------------------------------------------------------------------------------
     def _forward(self, ids, pos, slot, decode: bool):
@@ -99,6 +107,7 @@ class FastDecoder:
         st = self.static
         if st.used + len(ids) > st.capacity:
             raise ValueError(f"turn buffer full ({st.used} + {len(ids)} > {st.capacity})")
+        self._check_ids(ids)
         dev = st.mem_k[0].device
         x = torch.tensor([ids], dtype=torch.long, device=dev)
         p = torch.arange(pos, pos + len(ids), device=dev)[None]
@@ -116,6 +125,7 @@ class FastDecoder:
         st = self.static
         if st.used + 1 > st.capacity:
             raise ValueError(f"turn buffer full ({st.capacity} slots)")
+        self._check_ids([token])
         self._tok.fill_(token)
         self._pos.fill_(pos)
         with torch.no_grad():

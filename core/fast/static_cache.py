@@ -104,7 +104,7 @@ class StaticKV:
         like = self.tail_k[0]
         self.tail_k = [torch.zeros(shape, device=like.device, dtype=like.dtype) for _ in self.tail_k]
         self.tail_v = [torch.zeros(shape, device=like.device, dtype=like.dtype) for _ in self.tail_v]
-        self.used = 0
+        self.reset()  # the new buffers hold no turn
         self.generation += 1
 
     def reset(self) -> None:
