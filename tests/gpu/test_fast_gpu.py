@@ -1,7 +1,15 @@
 """core/fast on a CUDA device (runs on the GPU machine; skipped elsewhere): every attention backend
 against fp64 math, the CUDA-graph decode step against the eager one and against transformers' forward,
-and Engine's automatic fast path on a real model."""
+and Engine's automatic fast path.
+
+Exact agreement (greedy tokens, logits within 1e-4) is checked in fp32. In bf16 the two paths round
+differently (other kernels, other summation orders): on this random model plain bf16 is itself ~5%
+from fp32 in logits, and its top two logits are often within 0.01, so greedy tokens may part at a
+near-tie without any bug. There the check is that the fast path is no further from fp32 than
+transformers' own bf16 forward."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -44,7 +52,7 @@ def test_every_backend_matches_fp64(dtype, shape):
 
 
 @pytest.fixture(scope="module")
-def model():
+def model32():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -52,12 +60,27 @@ def model():
                          num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=8192,
                          attn_implementation="sdpa")
     with torch.device("cuda"):
-        m = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+        m = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for p in m.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.06)
     return m
+
+
+@pytest.fixture(scope="module")
+def model(model32):
+    """The same weights in bf16."""
+    return copy.deepcopy(model32).to(torch.bfloat16)
+
+
+@pytest.fixture(autouse=True)
+def ieee_fp32():
+    """fp32 matmuls in full precision (no TF32), whatever an earlier test or the environment chose."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(old)
 
 
 def memory_of(model, ids):
@@ -66,45 +89,81 @@ def memory_of(model, ids):
     return KVMemory(cache, len(ids), [len(ids)] * model.config.num_hidden_layers)
 
 
-def test_graph_decode_equals_eager_decode_and_transformers(model):
+def forced(model, mem_ids, q, answer, graph):
+    """Teacher-forced logits after the question and after each answer token: through transformers'
+    forward (graph None) or the fast path (eager or CUDA graph)."""
+    n = len(mem_ids)
+    if graph is None:
+        mem = memory_of(model, mem_ids)
+        out = [prefill(model, q, mem.cache, n).float()]
+        return out + [prefill(model, [t], mem.cache, n + len(q) + i).float() for i, t in enumerate(answer)]
+    dec = fast_decoder(model, memory_of(model, mem_ids), len(q) + len(answer), use_graph=graph)
+    out = [dec.prefill(q, n).float()]
+    out += [dec.step(t, n + len(q) + i).float().clone() for i, t in enumerate(answer)]
+    assert dec.use_graph == graph and (dec._graph is not None) == graph
+    return out
+
+
+def mean_rel(xs, ys) -> float:
+    return sum(rel(x, y) for x, y in zip(xs, ys)) / len(xs)
+
+
+def test_graph_decode_equals_eager_decode_and_transformers_fp32(model32):
     g = torch.Generator().manual_seed(1)
     mem_ids = torch.randint(0, 1024, (3000,), generator=g).tolist()
-    q = torch.randint(0, 1024, (11,), generator=g).tolist()
-    forced = torch.randint(0, 1024, (12,), generator=g).tolist()
-    runs = {}
-    for graph in (False, True):
-        dec = fast_decoder(model, memory_of(model, mem_ids), len(q) + len(forced), use_graph=graph)
-        out = [dec.prefill(q, 3000).float()]
-        for i, t in enumerate(forced):
-            out.append(dec.step(t, 3000 + len(q) + i).float().clone())
-        runs[graph] = out
-        assert dec.use_graph == graph and (dec._graph is not None) == graph
-    ref_mem = memory_of(model, mem_ids)
-    ref = [prefill(model, q, ref_mem.cache, 3000).float()]
-    for i, t in enumerate(forced):
-        ref.append(prefill(model, [t], ref_mem.cache, 3000 + len(q) + i).float())
-    for e, gr, r in zip(runs[False], runs[True], ref):
+    q, answer = torch.randint(0, 1024, (11,), generator=g).tolist(), torch.randint(0, 1024, (12,), generator=g).tolist()
+    eager, graph, ref = (forced(model32, mem_ids, q, answer, gr) for gr in (False, True, None))
+    for e, gr, r in zip(eager, graph, ref):
+        assert rel(gr, e) < 1e-5  # same kernels, replayed
+        assert rel(gr, r) < 1e-4  # other kernels, fp32
+
+
+def test_bf16_graph_decode_is_as_close_to_fp32_as_transformers(model32, model):
+    g = torch.Generator().manual_seed(1)
+    mem_ids = torch.randint(0, 1024, (3000,), generator=g).tolist()
+    q, answer = torch.randint(0, 1024, (11,), generator=g).tolist(), torch.randint(0, 1024, (12,), generator=g).tolist()
+    ref = forced(model32, mem_ids, q, answer, None)
+    eager, graph, plain = (forced(model, mem_ids, q, answer, gr) for gr in (False, True, None))
+    for e, gr in zip(eager, graph):
         assert rel(gr, e) < 1e-3  # same kernels, replayed
-        assert rel(gr, r) < 3e-2  # other kernels, bf16 rounding
+    assert mean_rel(graph, ref) < 1.5 * mean_rel(plain, ref)
 
 
-def test_engine_takes_the_fast_path_on_cuda_and_answers_like_plain(model):
+def test_engine_takes_the_fast_path_on_cuda_and_answers_like_plain(model32):
     g = torch.Generator().manual_seed(2)
-    memory = memory_of(model, torch.randint(0, 1024, (2000,), generator=g).tolist())
+    memory = memory_of(model32, torch.randint(0, 1024, (2000,), generator=g).tolist())
     q = torch.randint(0, 1024, (9,), generator=g).tolist()
     opts = GenerateOptions(max_new_tokens=24)
-    eng = Engine(model, memory, [])
+    eng = Engine(model32, memory, [], fast=True)
     fast = [list(eng.generate(q, opts)) for _ in range(2)]  # the graph is reused for the second answer
     assert eng.stats.extra["path"].endswith("cuda graph)")
     assert fast[0] == fast[1]
-    plain = list(Engine(model, memory, [], fast=False).generate(q, opts))
-    # bf16 through other kernels may flip a near-tie late in a random model: the start must agree
-    assert plain[:8] == fast[0][:8]
+    assert list(Engine(model32, memory, [], fast=False).generate(q, opts)) == fast[0]
 
 
-def test_graph_survives_a_larger_turn(model):
-    memory = memory_of(model, list(range(500)))
-    eng = Engine(model, memory, [])
-    short = list(eng.generate([1, 2, 3], GenerateOptions(max_new_tokens=8)))
-    list(eng.generate(list(range(100, 1400)), GenerateOptions(max_new_tokens=8)))  # grows the turn buffer
-    assert list(eng.generate([1, 2, 3], GenerateOptions(max_new_tokens=8))) == short
+def test_graph_survives_a_larger_turn(model32):
+    """A turn longer than the turn buffer (fresh buffers, a new graph) between two short ones. (The H100
+    run's failure here was the test's own prompt, ids 100..1399 past the 1024-token vocabulary: an
+    out-of-range embedding lookup. FastDecoder now refuses such ids on the host.)"""
+    g = torch.Generator().manual_seed(3)
+    memory = memory_of(model32, torch.randint(0, 1024, (500,), generator=g).tolist())
+    short, long = [1, 2, 3], torch.randint(0, 1024, (1300,), generator=g).tolist()
+    opts = GenerateOptions(max_new_tokens=8)
+    eng = Engine(model32, memory, [], fast=True)
+    first = list(eng.generate(short, opts))
+    st = memory.cache._combllama_fast.static
+    gen = st.generation
+    answer = list(eng.generate(long, opts))  # grows the turn buffer
+    assert st.generation == gen + 1 and st.capacity >= len(long) + 8
+    assert answer == list(Engine(model32, memory, [], fast=False).generate(long, opts))
+    assert list(eng.generate(short, opts)) == first
+    dec = memory.cache._combllama_fast
+    assert dec.use_graph and dec._graph_key[0] == st.generation  # recaptured over the new buffers
+
+
+def test_out_of_vocabulary_ids_leave_cuda_usable(model32):
+    memory = memory_of(model32, list(range(100)))
+    eng = Engine(model32, memory, [], fast=True)
+    with pytest.raises(ValueError, match="vocabulary"):
+        list(eng.generate([5, 1024], GenerateOptions(max_new_tokens=2)))
+    assert len(list(eng.generate([5, 6], GenerateOptions(max_new_tokens=2)))) == 2
