@@ -108,7 +108,10 @@ def parse_manifest(data: bytes, where: str) -> dict:
     if min_reader > FORMAT_VERSION:
         raise UnsupportedVersionError(f"{where}: written by a newer combllama (format {version}; this one reads "
                                       f"{FORMAT_VERSION}); upgrade combllama")
-    unknown = set(m.get("required_features") or []) - KNOWN_FEATURES
+    required = m.get("required_features") or []
+    if not isinstance(required, list) or not all(isinstance(f, str) for f in required):
+        raise CorruptMemoryError(f"{where}: required_features is not a list of names")
+    unknown = set(required) - KNOWN_FEATURES
     if unknown:
         raise UnsupportedVersionError(f"{where}: needs features this combllama lacks: {', '.join(sorted(unknown))}; upgrade")
     if CHECKSUM in m and m[CHECKSUM] != manifest_checksum(m):
@@ -188,9 +191,14 @@ def safetensors_header(data: bytes, where: str) -> dict:
             continue
         try:
             a, b = spec["data_offsets"]
-            size = math.prod(spec["shape"]) * DTYPES[spec["dtype"]]
+            shape = spec["shape"]
+            ok = (all(_is_int(x, 0, 1 << 62) for x in (a, b)) and isinstance(shape, list)
+                  and all(_is_int(d, 0, 1 << 31) for d in shape))
+            size = math.prod(shape) * DTYPES[spec["dtype"]] if ok else None
         except (KeyError, TypeError, ValueError):
-            raise CorruptMemoryError(f"{where}: tensor {name!r} has a malformed entry") from None
+            ok = False
+        if not ok:  # offsets and dims must be plain non-negative integers (found by atheris)
+            raise CorruptMemoryError(f"{where}: tensor {name!r} has a malformed entry")
         if not (0 <= a <= b <= body and b - a == size):
             raise CorruptMemoryError(f"{where}: tensor {name!r} offsets {a}..{b} do not fit the file")
     return header

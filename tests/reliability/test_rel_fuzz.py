@@ -65,3 +65,33 @@ def test_corrupt_deflate_stream_in_an_epub_is_a_source_error(tmp_path):
         with pytest.raises(ingest.IngestError) as err:
             ingest.load(path)
         assert isinstance(err.value, SourceError) or "no source reads" in str(err.value)
+
+
+@pytest.mark.parametrize("header", [
+    b'{"b":{"dtype":"I32","shape":[4],"data_offsets":[0,{"x":1}]}}',  # found by atheris (st_header)
+    b'{"b":{"dtype":"I32","shape":[4.0],"data_offsets":[0,16]}}',
+    b'{"b":{"dtype":["I32"],"shape":[4],"data_offsets":[0,16]}}',
+    b'{"b":{"dtype":"I32","shape":[true],"data_offsets":[0,4]}}',
+    b'{"b":[1,2]}',
+])
+def test_malformed_tensor_entries_are_corrupt_memory(header):
+    import struct
+
+    from combllama.core.errors import CorruptMemoryError
+    from combllama.core.memory.format import safetensors_header
+
+    with pytest.raises(CorruptMemoryError, match="malformed"):
+        safetensors_header(struct.pack("<Q", len(header)) + header + b"\0" * 16, "x")
+
+
+@pytest.mark.parametrize("features", [[{"a": 1}], [["x"]], "abc", 5])
+def test_required_features_must_be_a_list_of_names(features):
+    """Found by atheris (manifest): a dict inside required_features raised TypeError."""
+    import json
+
+    from combllama.core.errors import CorruptMemoryError
+    from combllama.core.memory.format import parse_manifest
+
+    data = json.dumps({"format": "combllama-memory", "format_version": 1, "required_features": features}).encode()
+    with pytest.raises(CorruptMemoryError, match="required_features"):
+        parse_manifest(data, "x")
