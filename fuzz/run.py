@@ -27,7 +27,13 @@ with atheris.instrument_imports(include=["combllama", "targets", "pypdf", "defus
 
 
 def main() -> None:
-    name = sys.argv.pop(1)
+    # libFuzzer re-executes this script for -merge=1 with the flags only: the target name travels in
+    # the environment so those children fuzz the same function.
+    if len(sys.argv) > 1 and sys.argv[1] in targets.TARGETS:
+        name = sys.argv.pop(1)
+        os.environ["COMBLLAMA_FUZZ_TARGET"] = name
+    else:
+        name = os.environ["COMBLLAMA_FUZZ_TARGET"]
     target = targets.TARGETS[name]
     atheris.Setup(sys.argv, target)
     atheris.Fuzz()

@@ -42,6 +42,9 @@ FOUND_AND_FIXED = [
     "writer (8b51964; test_rel_kill9::test_next_writer_cleans_orphans_and_interrupted_removals)",
     "ingest: zlib.error from a corrupt deflate stream escaped SafeZip.read and sniff(); NotImplementedError for an "
     "unknown zip version escaped SafeZip.open -> SourceError (d542609; atheris epub, fuzz/regressions/epub)",
+    "memory format: a safetensors header whose data_offsets/shape hold objects, and a manifest whose "
+    "required_features holds objects, raised TypeError -> CorruptMemoryError (atheris st_header and manifest in "
+    "the full run; fuzz/regressions/{st_header,manifest}, test_rel_fuzz)",
 ]
 
 
@@ -116,8 +119,11 @@ def run_corruption(work: Path, embedded, doc, quick: bool) -> dict:
     store = MemoryStore(work / "corpus-home" / "memories")
     ingest(embedded, doc, get_method("full"), store, name="real", config=EncodeConfig(chunk_tokens=128))
     res = run_corpus(store.root / "real", embedded.fingerprint, flips=100 if quick else 1000,
-                     random_cuts=20 if quick else 100, head_cuts=1024 if quick else 65536, log=log)
+                     random_cuts=20 if quick else 200, head_cuts=1024 if quick else 65536,
+                     cut_stride=1 if quick else 8, log=log)
     out = res.to_dict()
+    out["params"] = {"flips_per_file": 100 if quick else 1000, "random_cuts_per_file": 20 if quick else 200,
+                     "head_bytes": 1024 if quick else 65536, "cut_stride": 1 if quick else 8}
     out["memory"] = {"model": embedded.name, "chunks": len(store.open("real").manifest["chunks"]),
                      "chunk_file_bytes": res.largest_file_bytes}
     return out
@@ -185,6 +191,15 @@ def main(argv: list[str] | None = None) -> None:
     report: dict = {"command": "tests/reliability/harness.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine()}
     prior = json.loads(args.out.read_text()) if args.out.exists() else {}
+
+    def save() -> None:  # after every section: a run cut short keeps what it measured
+        report["seconds"] = round(time.time() - started, 1)
+        report["found_and_fixed"] = FOUND_AND_FIXED
+        out = {**prior, **report}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(out))
+
     try:
         embedded = load_model(ModelSpec(device="cpu"))
         tiny_dir = tiny_model(work, embedded)
@@ -193,13 +208,17 @@ def main(argv: list[str] | None = None) -> None:
         if "kills" in only:
             log(f"kill -9 loop: {kills} kills, model {args.kill_model}")
             report["kill9"] = run_kills(work, kills, tiny_dir if args.kill_model == "tiny" else None)
+            save()
         if "faults" in only:
             report["write_faults"] = run_faults(work, tiny, doc, args.quick)
+            save()
         if "corruption" in only:
             log("corruption corpus")
             report["corruption"] = run_corruption(work, embedded, doc, args.quick)
+            save()
         if "fuzz" in only:
             report["fuzz"] = run_fuzz(work, fuzz_s, merge=not args.quick)
+            save()
         if "pytest" in only:
             log("pytest: stateful, terminal, resources, fuzz replay")
             report["pytest"] = {
@@ -210,13 +229,7 @@ def main(argv: list[str] | None = None) -> None:
             }
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report["seconds"] = round(time.time() - started, 1)
-    report["found_and_fixed"] = FOUND_AND_FIXED
-    for key, value in prior.items():  # a partial run (--only) keeps the other sections of the last one
-        report.setdefault(key, value)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
+    save()
     log(f"wrote {args.out} and {args.out.with_suffix('.md')}")
 
 
@@ -248,7 +261,10 @@ def markdown(r: dict) -> str:
     c = r.get("corruption")
     if c:
         errs = ", ".join(f"{e} {n:,}" for e, n in sorted(c["errors"].items(), key=lambda x: -x[1]))
-        lines.append(f"| corruption corpus ({c['memory']['model']} memory, {c['memory']['chunks']} chunks) | "
+        p = c.get("params", {})
+        lines.append(f"| corruption corpus ({c['memory']['model']} memory, {c['memory']['chunks']} chunks; cuts at "
+                     f"every {p.get('cut_stride')}th offset of the first {p.get('head_bytes')} bytes + "
+                     f"{p.get('random_cuts_per_file')} random, {p.get('flips_per_file')} bit flips per file) | "
                      f"**{c['cases']:,} cases**: {errs}; accepted unchanged {c['accepted_identical']}; untyped "
                      f"{len(c['untyped'])}; served differently {len(c['silent'])}; attach reached after an error "
                      f"{c['attach_reached_on_error']}; pickle ran: {c['pickle_ran']}; peak RSS growth "
