@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Run one fuzz target under atheris (coverage-guided, libFuzzer):
 
     .venv/bin/python fuzz/run.py TARGET [libFuzzer flags] [OUTPUT_CORPUS_DIR] fuzz/corpus/TARGET

@@ -136,8 +136,10 @@ def repo(data: bytes) -> None:
                 path.mkdir(exist_ok=True)
             else:
                 path.write_bytes(body)
-        except (OSError, ValueError):
-            continue  # a name the filesystem refuses: not an input the walker can meet
+        except (OSError, ValueError, RuntimeError):
+            # a name the filesystem refuses, or (RuntimeError) a link loop met while placing an entry:
+            # the builder skips the entry; the walker below still meets the loop itself
+            continue
     try:
         ingest.load(root, IngestOptions(use_git=False))
     except IngestError:

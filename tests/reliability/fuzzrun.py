@@ -1,6 +1,7 @@
 """Drive fuzz/run.py (atheris) for a fixed time budget per target and read back what it did."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -54,6 +55,8 @@ def merge_into_corpus(target: str, work: Path) -> int:
     """Add to fuzz/corpus/<target> only the new inputs that add coverage (libFuzzer -merge=1)."""
     seeds = FUZZ / "corpus" / target
     before = len(list(seeds.iterdir()))
+    # libFuzzer's merge re-executes argv[0] through the shell: run.py's shebang must find this interpreter.
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     subprocess.run([sys.executable, str(FUZZ / "run.py"), target, "-merge=1", "-max_len=65536", str(seeds),
-                    str(work / f"new-{target}")], capture_output=True, text=True, timeout=1800)
+                    str(work / f"new-{target}")], capture_output=True, text=True, timeout=1800, env=env)
     return len(list(seeds.iterdir())) - before
