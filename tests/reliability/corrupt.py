@@ -64,7 +64,8 @@ def _rehash(bundle: Path, manifest: dict, seq: int, data: bytes) -> dict:
     return m
 
 
-def cases(bundle: Path, rng: random.Random, flips: int, random_cuts: int, head_cuts: int) -> Iterator[Case]:
+def cases(bundle: Path, rng: random.Random, flips: int, random_cuts: int, head_cuts: int,
+          cut_stride: int = 1) -> Iterator[Case]:
     manifest_bytes = (bundle / "MANIFEST.json").read_bytes()
     manifest = json.loads(manifest_bytes)
     chunk_rel = manifest["chunks"][0]["file"]
@@ -72,9 +73,10 @@ def cases(bundle: Path, rng: random.Random, flips: int, random_cuts: int, head_c
     tokens = (bundle / "tokens.safetensors").read_bytes()
     n, header, body = _st_parts(chunk)
 
-    # 1. Truncation: every offset of the first `head_cuts` bytes, then random offsets.
+    # 1. Truncation: every `cut_stride`-th offset of the first `head_cuts` bytes (every offset of the
+    #    8-byte length prefix), then random offsets.
     for target, data in (("chunk", chunk), ("tokens", tokens), ("manifest", manifest_bytes)):
-        cuts = set(range(min(head_cuts, len(data))))
+        cuts = set(range(0, min(head_cuts, len(data)), cut_stride)) | set(range(min(9, len(data))))
         cuts |= {rng.randrange(len(data)) for _ in range(random_cuts)}
         for cut in sorted(cuts):
             yield Case(target, "truncate", data[:cut])
@@ -292,8 +294,8 @@ def served(root: Path, fingerprint: str, attach: Callable) -> tuple:
             digest.hexdigest())
 
 
-def run_corpus(bundle: Path, fingerprint: str, *, flips: int, random_cuts: int, head_cuts: int, seed: int = 0,
-               log=print) -> CorpusResult:
+def run_corpus(bundle: Path, fingerprint: str, *, flips: int, random_cuts: int, head_cuts: int, cut_stride: int = 1,
+               seed: int = 0, log=print) -> CorpusResult:
     """Apply every case to a scratch copy of `bundle` (restored after each) and load it."""
     from combllama.core.errors import CombllamaError
 
@@ -313,7 +315,7 @@ def run_corpus(bundle: Path, fingerprint: str, *, flips: int, random_cuts: int, 
     resident0 = _resident()
     t0 = time.perf_counter()
     marker = work.parent / "PICKLE-RAN"
-    for case in cases(work, rng, flips, random_cuts, head_cuts):
+    for case in cases(work, rng, flips, random_cuts, head_cuts, cut_stride):
         if case.setup is not None:
             case.setup(work)
         else:
