@@ -12,8 +12,8 @@ from .options import json_option, load, model_options
 
 
 def resolve_memory(loaded, target: str, method_name: str | None, budget: str | None, quiet: bool):
-    """A memory reader for `target`: an existing memory name, or a path ingested now (or reused when a
-    memory of the same content, model and settings exists)."""
+    """A memory reader for `target`: an existing memory name, or a path ingested now — or reused, under
+    whatever name it was ingested, when a complete memory of the same content, model and settings exists."""
     from .. import ingest as sources
     from ..core.encode import EncodeConfig, plan_memory
     from ..core.memory.store import MemoryStore
@@ -23,31 +23,25 @@ def resolve_memory(loaded, target: str, method_name: str | None, budget: str | N
     from .render import warn
 
     store = MemoryStore(Paths.from_env().memories)
-    if not Path(target).exists():
-        return store.open(target), None
-    if (Path(target) / "MANIFEST.json").is_file():
+    if not Path(target).exists() or (Path(target) / "MANIFEST.json").is_file():
         return store.open(target), None
     method = choose_method(method_name, budget)
-    if method_name is None:
+    document = sources.load(target)  # read and tokenized once, whether reused or encoded
+    try:
+        plan = plan_memory(loaded, document, method, EncodeConfig())
+    except BadInputError as e:
+        if method_name is not None:
+            raise
         # A one-shot question about a file too long for the window: say so, then keep what fits.
-        document = sources.load(target)
-        try:
-            plan_memory(loaded, document, method, EncodeConfig())
-        except BadInputError as e:
-            warn(f"{e}; answering from the last tokens that fit (method truncate)")
-            method = choose_method("truncate", budget)
-    result = run_ingest(loaded, target, name=store.unique_name(Path(target).stem) if not _known(store, loaded, target, method) else None,
-                        method=method, quiet=quiet)
+        warn(f"{e}; answering from the last tokens that fit (method truncate)")
+        method = choose_method("truncate", budget)
+        plan = plan_memory(loaded, document, method, EncodeConfig())
+    found = store.find(plan.content_key)
+    if found is not None:
+        return found, None
+    result = run_ingest(loaded, target, name=store.unique_name(Path(target.rstrip("/")).stem or "memory"),
+                        method=method, quiet=quiet, document=document)
     return store.open(result.name), result
-
-
-def _known(store, loaded, target, method) -> bool:
-    """Whether a memory of this exact content and settings already exists (so its name is reused)."""
-    from .. import ingest as sources
-    from ..core.encode import EncodeConfig, plan_memory
-
-    key = plan_memory(loaded, sources.load(target), method, EncodeConfig()).content_key
-    return store.find(key) is not None
 
 
 @click.command()
@@ -84,8 +78,10 @@ def ask(target, question, method, budget, max_tokens, temperature, top_p, seed, 
     loaded = load(spec, quiet or as_json)
     reader, ingested = resolve_memory(loaded, target, method, budget, quiet or as_json)
     reader.check_model(loaded.fingerprint)
+    memory_method = from_manifest(reader.manifest)
+    memory_method.check_resources(reader.manifest, loaded.device, loaded.dtype)  # before any tensor is read
     t1 = time.perf_counter()
-    memory = from_manifest(reader.manifest).attach(loaded.model, reader.manifest, reader.chunks())
+    memory = memory_method.attach(loaded.model, reader.manifest, reader.chunks())
     attach_s = time.perf_counter() - t1
     conv = Conversation(loaded, combine(loaded, [(reader.name, reader.manifest, memory)]))
     engine = conv.engine
