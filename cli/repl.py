@@ -165,7 +165,9 @@ class ChatApp:
                 if ref.name not in self.attached_cache:
                     reader = memories.open(ref.name)
                     reader.check_model(self.loaded.fingerprint)
-                    kv = from_manifest(reader.manifest).attach(self.loaded.model, reader.manifest, reader.chunks())
+                    method = from_manifest(reader.manifest)
+                    method.check_resources(reader.manifest, self.loaded.device, self.loaded.dtype)
+                    kv = method.attach(self.loaded.model, reader.manifest, reader.chunks())
                     self.attached_cache[ref.name] = (reader, kv)
                 reader, kv = self.attached_cache[ref.name]
             except CombllamaError as e:

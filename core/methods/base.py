@@ -15,6 +15,18 @@ from typing import Any, ClassVar, Iterable
 from ..errors import BadInputError
 
 
+def host_available() -> int | None:
+    """Bytes of host memory the kernel says are available without swapping (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 @dataclass(frozen=True)
 class Budget:
     """`--budget`: a fraction of the document (0 < f <= 1) or a number of tokens (an integer > 1)."""
@@ -114,6 +126,22 @@ class Method:
 
     def attach(self, model, manifest: dict, blocks: Iterable[tuple[dict, dict]]):
         raise NotImplementedError
+
+    def check_resources(self, manifest: dict, device, dtype) -> None:
+        """Raise ResourceError (exit 4) before anything is read when the memory cannot be attached on
+        `device` (torch.device): planned from the manifest alone (core/memory/plan.py). Methods that place
+        parts elsewhere (hcattention: values in host memory) override this with their own split."""
+        from ..memory.plan import check_attach
+
+        if device.type == "cuda":
+            import torch
+
+            free = torch.cuda.mem_get_info(device)[0]
+        else:
+            free = host_available()
+            if free is None:
+                return
+        check_attach(manifest, free, device.type, dtype_bytes=dtype.itemsize)
 
     def memory_tokens(self, total_tokens: int) -> int:
         """Estimated KV entries kept per layer for a memory of `total_tokens` (for size planning)."""

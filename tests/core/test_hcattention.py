@@ -161,7 +161,7 @@ def test_default_settings_keep_the_device_share_at_most_one_eighth(shape, tokens
 
 
 def test_resource_check_names_what_to_change(monkeypatch):
-    monkeypatch.setattr(hc_method, "_host_available", lambda: 1024)
+    monkeypatch.setattr(hc_method, "host_available", lambda: 1024)
     with pytest.raises(ResourceError, match="value_bits=8"):
         hc_method.check_resources(torch.device("cpu"), {"key codes": 10}, 4096)
 

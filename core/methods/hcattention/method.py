@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from ...errors import BadInputError, CorruptMemoryError, ResourceError
-from ..base import Encoder, KVMemory, Method, Options, make_cache, prefill
+from ..base import Encoder, KVMemory, Method, Options, host_available, make_cache, prefill
 from . import quant
 from .read import HostRows, Layer, Store, use_hc_attention
 
@@ -98,17 +98,6 @@ def auto_sub_dim(target: float, tokens: int, layers: int, kv_heads: int, head_di
     return widths[-1]
 
 
-def _host_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -127,7 +116,7 @@ def check_resources(device, need_device: dict, need_host: int) -> None:
                                 f"sub_dim), fewer recent tokens, or a shorter document")
     else:
         need_host += dev_total
-    avail = _host_available()
+    avail = host_available()
     if avail is not None and need_host > avail:
         raise ResourceError(f"hcattention needs {_gib(need_host)} of host memory for values and exact keys "
                             f"({_gib(avail)} available). Use value_bits=8 "
@@ -465,6 +454,10 @@ class HCAttention(Method):
 
     def memory_tokens(self, total_tokens):
         return max(1, int(total_tokens * self.target_share(total_tokens)))
+
+    def check_resources(self, manifest, device, dtype):
+        """Nothing here: attach checks the device/host split itself (module-level check_resources) before
+        it allocates, since only it knows which rows stay on the host."""
 
     def attach(self, model, manifest, blocks):
         import torch
