@@ -16,7 +16,7 @@ from typing import Callable
 from .engine import is_out_of_memory, release_device_memory
 from .errors import BadInputError, InterruptedError_, ResourceError
 from .fast.pipeline import pipelined
-from .memory.bundle import MemoryReader, MemoryWriter
+from .memory.bundle import MemoryReader, MemoryWriter, replace_bundle
 from .memory.format import canonical_json
 from .memory.store import MemoryStore, check_name, name_from
 from .methods.base import Method
@@ -151,6 +151,7 @@ def ingest(loaded: LoadedModel, document, method: Method, store: MemoryStore, *,
         document.warnings)
 
     expect = {k: plan.header[k] for k in ("model", "method", "chunking", "prompt", "content_key")}
+    staging = None
     if store.exists(name):
         existing = MemoryReader(root)
         same = existing.manifest.get("content_key") == plan.content_key
@@ -160,9 +161,11 @@ def ingest(loaded: LoadedModel, document, method: Method, store: MemoryStore, *,
             check_disk(root, disk_needed(plan, method, loaded, len(existing.manifest["chunks"])), name)
             writer = MemoryWriter.resume(root, expect)
         elif force:
-            check_disk(root, disk_needed(plan, method, loaded) - existing.stats()["bytes"], name)
-            store.remove(name)
-            writer = MemoryWriter.create(root, {"name": name, **plan.header}, plan.ids)
+            # The old memory stays usable until the new one is sealed: encode into a hidden staging
+            # bundle, then swap the two with renames (replace_bundle). A crash or Ctrl-C keeps the old one.
+            staging = store.clear_leftovers(name)
+            check_disk(root, disk_needed(plan, method, loaded), name)
+            writer = MemoryWriter.create(staging, {"name": name, **plan.header}, plan.ids)
         elif not existing.complete:
             raise BadInputError(f"an interrupted ingest of {name!r} exists"
                                 + ("" if same else " with other content or settings")
@@ -190,8 +193,10 @@ def ingest(loaded: LoadedModel, document, method: Method, store: MemoryStore, *,
         for chunk in chunks[writer.next_seq:]:
             if should_stop and should_stop():
                 writer.commit()
-                raise InterruptedError_(f"interrupted: {chunk.seq}/{len(chunks)} chunks of {name!r} saved; "
-                                        f"continue with `combllama ingest --resume` (same file and options)")
+                raise InterruptedError_(
+                    f"interrupted: {name!r} is unchanged; run again with --force to replace it" if staging else
+                    f"interrupted: {chunk.seq}/{len(chunks)} chunks of {name!r} saved; "
+                    f"continue with `combllama ingest --resume` (same file and options)")
             oom = False
             try:
                 tensors = encoder.encode(chunk)
@@ -204,11 +209,12 @@ def ingest(loaded: LoadedModel, document, method: Method, store: MemoryStore, *,
                 encoder = tensors = None  # the raised error's traceback keeps this frame (and the cache) alive
                 release_device_memory()
                 kind = "GPU memory" if loaded.device.type == "cuda" else "memory"
+                saved = (f"{name!r} is unchanged. Free {kind}, or" if staging else
+                         f"{chunk.seq} chunks are saved. Free {kind} and continue with --resume, or start over")
                 raise ResourceError(
                     f"out of {kind} encoding chunk {chunk.seq + 1}/{len(chunks)} of {name!r} (method {method.name}, "
-                    f"{config.chunk_tokens} tokens per chunk); {chunk.seq} chunks are saved. Free {kind} and "
-                    f"continue with --resume, or start over with --force and a smaller --chunk-tokens, a smaller "
-                    f"--budget or a compressing --method")
+                    f"{config.chunk_tokens} tokens per chunk); {saved} with --force and a smaller --chunk-tokens, "
+                    f"a smaller --budget or a compressing --method")
             writer.add_chunk(chunk.start, chunk.end, chunk.tokens_sha256, plan.sources[chunk.seq], tensors)
             encoded += chunk.end - chunk.start
             pending += 1
@@ -220,6 +226,8 @@ def ingest(loaded: LoadedModel, document, method: Method, store: MemoryStore, *,
                 on_progress(Progress(chunk.seq + 1, len(chunks), done_before + encoded, len(plan.ids), encoded,
                                      now - t0))
         writer.seal()
-        return result(MemoryReader(root, writer.manifest), encoded, resumed, False)
+    if staging is not None:
+        replace_bundle(staging, root)
+    return result(MemoryReader(root, writer.manifest), encoded, resumed, False)
 
 

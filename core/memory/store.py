@@ -1,11 +1,13 @@
 """The directory of memories: names, lookup by content key, listing and removal. No torch."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 from ..errors import BadInputError, CombllamaError, MemoryNotFoundError
 from .bundle import MANIFEST, MemoryReader, remove_bundle
+from .durable import fsync_dir
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -25,6 +27,27 @@ def name_from(text: str) -> str:
 class MemoryStore:
     def __init__(self, root: Path):
         self.root = Path(root)
+        self.finish_replacements()
+
+    def finish_replacements(self) -> list[str]:
+        """Roll forward a `--force` replacement killed between its two renames (replace_bundle): the old
+        memory is already renamed away and the new one is sealed under its staging name, so put it in
+        place. Returns the names finished."""
+        done = []
+        if not self.root.is_dir():
+            return done
+        for staging in self.root.glob(".*.replacing"):
+            name = staging.name[1:-len(".replacing")]
+            if not _NAME.match(name) or (self.root / name).exists():
+                continue
+            try:
+                if MemoryReader(staging).complete:
+                    os.replace(staging, self.root / name)
+                    fsync_dir(self.root)
+                    done.append(name)
+            except (CombllamaError, OSError):
+                continue  # unreadable or read-only: left for `--force` (clear_leftovers) to remove
+        return done
 
     def path(self, name: str) -> Path:
         return self.root / check_name(name)
@@ -70,6 +93,15 @@ class MemoryStore:
             name = f"{name_from(base)[:95]}-{i}"
             i += 1
         return name
+
+    def clear_leftovers(self, name: str) -> Path:
+        """Remove the staging bundle a killed `--force` replacement of `name` left, and return its path for a
+        new one (renamed-away old bundles are swept by MemoryWriter.create). One still being written is
+        locked: busy."""
+        staging = self.root / f".{check_name(name)}.replacing"
+        if staging.exists():
+            remove_bundle(staging)
+        return staging
 
     def remove(self, name: str) -> None:
         p = self.path(name)

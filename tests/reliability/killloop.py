@@ -114,7 +114,10 @@ def check_state(memories: Path, reference: dict, allowed: set, where: str, resul
     from combllama.core.errors import CombllamaError
     from combllama.core.memory.bundle import MemoryReader
 
+    from combllama.core.memory.store import MemoryStore
+
     root = memories / NAME
+    MemoryStore(memories)  # what every command does first: finish a --force swap cut between its renames
     on_disk = _sha(root / "MANIFEST.json")
     if on_disk not in allowed:
         result.failures.append(f"{where}: manifest on disk {str(on_disk)[:12]} is not the last committed state "
@@ -215,12 +218,16 @@ def kill_loop(workdir: Path, n: int, model_args: list[str], *, lines: int = 60, 
             entries = _commit_log(log_path)
             done = [sha for kind, sha in entries if kind == "done"]
             intents = [sha for kind, sha in entries if kind == "intent"]
-            allowed = {done[-1] if done else before}
-            if intents and (not done or intents[-1] != done[-1]):
-                allowed.add(intents[-1])  # killed inside the replace: old or new, never a mix
-                result.kills_inside_commit += status == -signal.SIGKILL
-            if flags == ["--force"] and not done:
-                allowed.add(None)  # --force moves the old memory aside before the new one's first commit
+            if flags == ["--force"]:
+                # --force writes a hidden staging bundle and swaps it in after its seal: until then the old
+                # memory is on disk untouched; after the swap, the sealed new one.
+                allowed = {before} | ({done[-1]} if done else set())
+            else:
+                allowed = {done[-1] if done else before}
+                if intents and (not done or intents[-1] != done[-1]):
+                    allowed.add(intents[-1])  # killed inside the replace: old or new, never a mix
+            result.kills_inside_commit += bool(intents and (not done or intents[-1] != done[-1])) and \
+                status == -signal.SIGKILL
             if status == -signal.SIGKILL:
                 result.kills += 1
                 if timed:
@@ -246,6 +253,8 @@ def kill_loop(workdir: Path, n: int, model_args: list[str], *, lines: int = 60, 
         if (memories / NAME / "MANIFEST.json").exists():
             state = json.loads((memories / NAME / "MANIFEST.json").read_text())["ingest"]["state"]
         flags = ["--resume"] if state == "partial" else []
+        if (memories / f".{NAME}.replacing").exists():  # a killed --force: the next --force clears it
+            flags, state = ["--force"], None
         if state != "complete":
             pid = server.run([*base, "--name", NAME, *flags], child_env, workdir / "final.out", workdir / "final.err")
             status = server.wait(pid, 900)

@@ -49,3 +49,34 @@ def test_next_writer_cleans_orphans_and_interrupted_removals(tiny, sample_doc, s
     assert list((root / "tmp").iterdir()) == []
     assert not tomb.exists() and live.exists()
     assert sweep_tombs(store.root) == []
+
+
+def test_force_keeps_the_old_memory_until_the_new_one_is_sealed(tiny, sample_doc, store, tmp_path):
+    from combllama import ingest as sources
+    from combllama.core.memory.store import MemoryStore
+
+    config = EncodeConfig(chunk_tokens=64)
+    ingest(tiny, sample_doc, get_method("full"), store, name="m", config=config)
+    old = store.open("m").manifest
+    path = tmp_path / "other.txt"
+    path.write_text(sample_doc.joined() + "\nA postscript changes the content.\n")
+    other = sources.load(path)
+    calls = iter(range(100))
+    with pytest.raises(InterruptedError_, match="'m' is unchanged; run again with --force"):
+        ingest(tiny, other, get_method("full"), store, name="m", config=config, force=True,
+               should_stop=lambda: next(calls) >= 2)
+    kept = store.open("m")
+    assert kept.complete and kept.manifest == old and kept.verify() == []  # still usable, untouched
+    assert store.names() == ["m"] and (store.root / ".m.replacing").is_dir()  # hidden, not listed
+    # The next --force clears the leftover staging bundle and swaps the new memory in.
+    result = ingest(tiny, other, get_method("full"), store, name="m", config=config, force=True)
+    new = store.open("m")
+    assert not result.reused and new.complete and new.manifest["content_key"] != old["content_key"]
+    assert new.verify() == [] and sorted(p.name for p in store.root.iterdir()) == ["m"]
+
+    # A kill between the swap's two renames (old renamed away, new still staged) is rolled forward by the
+    # next process that opens the store.
+    ingest(tiny, sample_doc, get_method("full"), store, name="m2", config=config)
+    staged = store.root / ".m2.replacing"
+    os.replace(store.root / "m2", staged)
+    assert MemoryStore(store.root).open("m2").complete and not staged.exists()
