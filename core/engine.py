@@ -118,7 +118,7 @@ class Engine:
         pos = mem.logical_length
         phys = mem.lengths[0]
         fast = self._fast_decoder(len(ids) + budget)
-        st.extra["path"] = "plain" if fast is None else f"fast ({fast.backend}{', cuda graph' if fast.use_graph else ''})"
+        st.extra["path"] = "plain" if fast is None else f"fast ({fast.backend}{', unified decode' if fast.unified else ''}{', cuda graph' if fast.use_graph else ''})"
         oom = False
         try:
             logits = prefill(self.model, ids, mem.cache, pos, phys) if fast is None else fast.prefill(ids, pos)

@@ -114,6 +114,46 @@ def attend(q, k, v, *, scale: float, causal: bool = False, backend: str = "math"
     return _ungroup(out, lse.float(), G, Lq)
 
 
+@functools.cache
+def _flash_args() -> frozenset:
+    """Argument names of PyTorch's FlashAttention op (they grew across releases: seqused_k, num_splits)."""
+    import torch
+
+    try:
+        return frozenset(a.name for a in torch.ops.aten._flash_attention_forward.default._schema.arguments)
+    except (AttributeError, RuntimeError):
+        return frozenset()
+
+
+def prefix_available(device_type: str, dtype) -> bool:
+    """Whether `attend_prefix` runs as one fused kernel here (CUDA, half types, a FlashAttention op that
+    takes seqused_k)."""
+    import torch
+
+    return device_type == "cuda" and dtype in (torch.float16, torch.bfloat16) and "seqused_k" in _flash_args()
+
+
+def attend_prefix(q, k, v, n, cu_q, cu_k, *, scale: float, num_splits: int | None = None):
+    """Decode attention of q [1, Hq, 1, D] over the first `n` entries of fixed buffers k, v [1, Hkv, N, D]
+    (Hq a multiple of Hkv). `n` is an int32 [1] device tensor, so a captured graph serves every step; cu_q =
+    [0, 1] and cu_k = [0, N] (int32, on the device) describe the one sequence to FlashAttention's varlen
+    kernel, whose seqused_k reads only the first n keys: memory and turn in one launch, no mask, no merge.
+    `num_splits` forces the split-KV factor where the op takes it (None: its own heuristic). Elsewhere
+    (CPU, no such op) the fp32 math reference over k[:, :, :n]. Returns out [1, Hq, 1, D]."""
+    import torch
+
+    if not prefix_available(q.device.type, q.dtype):
+        m = int(n.reshape(-1)[0])
+        return attend(q, k[:, :, :m], v[:, :, :m], scale=scale, backend="math")[0]
+    kw = {"seqused_k": n}
+    if num_splits is not None and "num_splits" in _flash_args():
+        kw["num_splits"] = num_splits
+    t = lambda x: x[0].transpose(0, 1)  # noqa: E731  [1, H, L, D] → [L, H, D] (a view: strides are kept)
+    out = torch.ops.aten._flash_attention_forward(t(q), t(k), t(v), cu_q, cu_k, 1, k.shape[2], 0.0, False, False,
+                                                  scale=scale, **kw)[0]
+    return out.transpose(0, 1)[None]  # [1, Hq, 1, D]
+
+
 def merge(out_a, lse_a, out_b, lse_b):
     """Exact softmax attention over the union of two disjoint key sets from the parts' outputs
     [B, H, L, D] and log-sum-exps [B, H, L] (float32). An empty part has lse = -inf."""

@@ -31,7 +31,8 @@ class FastDecoder:
     """prefill(ids, pos) and step(token, pos) → logits [vocab] of the last token; tokens are written to
     `static`'s turn slots in order. `use_graph` captures the step on first use (CUDA only)."""
 
-    def __init__(self, model, static, *, use_graph: bool | None = None, backend: str | None = None):
+    def __init__(self, model, static, *, use_graph: bool | None = None, backend: str | None = None,
+                 unified: bool | None = None, num_splits: int | None = None):
         import torch
 
         why = eligible(model)
@@ -41,6 +42,12 @@ class FastDecoder:
         dev, dt = static.mem_k[0].device, static.mem_k[0].dtype
         self.backend = attention.choose(dev.type, dt, backend)
         self.use_graph = dev.type == "cuda" if use_graph is None else bool(use_graph and dev.type == "cuda")
+        # unified: a decode step reads memory and turn in one kernel (attention.attend_prefix) instead of
+        # a memory kernel + a masked turn part + a log-sum-exp merge (~25 small kernels a layer).
+        self.unified = attention.prefix_available(dev.type, dt) if unified is None else bool(unified)
+        self.num_splits = num_splits
+        self._cu_q = torch.tensor([0, 1], dtype=torch.int32, device=dev)
+        self._cu_k, self._cu_k_n = None, 0
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         self._rope = apply_rotary_pos_emb
@@ -70,6 +77,12 @@ class FastDecoder:
         cos, sin = inner.rotary_emb(h, pos)
         T = ids.shape[1]
         M = st.memory_length
+        unified = decode and self.unified
+        if unified:
+            n_keys = (slot + (M + 1)).to(torch.int32).view(1)  # memory + the turn through this token
+            if self._cu_k is None or self._cu_k_n != st.k[0].shape[2]:  # made in warm-up, never in a capture
+                self._cu_k_n = st.k[0].shape[2]
+                self._cu_k = torch.tensor([0, self._cu_k_n], dtype=torch.int32, device=ids.device)
         for li, layer in enumerate(inner.layers):
             a = layer.self_attn
             x = layer.input_layernorm(h)
@@ -79,7 +92,12 @@ class FastDecoder:
             v = a.v_proj(x).view(1, T, -1, hd).transpose(1, 2)
             q, k = self._rope(q, k, cos, sin)
             tk, tv = st.tail_k[li], st.tail_v[li]
-            if decode:
+            if unified:
+                tk.index_copy_(2, slot.view(1), k)
+                tv.index_copy_(2, slot.view(1), v)
+                o = attention.attend_prefix(q, st.k[li], st.v[li], n_keys, self._cu_q, self._cu_k, scale=a.scaling,
+                                            num_splits=self.num_splits)
+            elif decode:
                 tk.index_copy_(2, slot.view(1), k)
                 tv.index_copy_(2, slot.view(1), v)
                 o, lse = attention.masked_tail(q, tk, tv, slot + 1, scale=a.scaling)
@@ -90,7 +108,7 @@ class FastDecoder:
                     o, lse = attention.attend(q, k, v, scale=a.scaling, causal=True, backend=self.backend)
                 else:
                     o, lse = attention.masked_tail(q, tk, tv, slot + T, scale=a.scaling)
-            if M:
+            if M and not unified:
                 om, lm = attention.attend(q, st.mem_k[li], st.mem_v[li], scale=a.scaling, backend=self.backend)
                 o, _ = attention.merge(om, lm, o, lse)
             o = o.transpose(1, 2).reshape(1, T, -1)  # [1, T, Hq*D]
@@ -132,7 +150,7 @@ class FastDecoder:
             if not self.use_graph:
                 out = self._forward(self._tok, self._pos, st.used_t, decode=True)[0]
             else:
-                if self._graph is None or self._graph_key != (st.generation, id(st)):
+                if self._graph is None or self._graph_key != self._key():
                     self._capture()
                 self._graph.replay()
                 out = self._logits[0]
@@ -155,7 +173,11 @@ class FastDecoder:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._logits = self._forward(self._tok, self._pos, st.used_t, decode=True)
-        self._graph, self._graph_key = graph, (st.generation, id(st))
+        self._graph, self._graph_key = graph, self._key()
+
+    def _key(self) -> tuple:
+        """What a captured graph depends on: the buffers (and their generation) and the decode variant."""
+        return self.static.generation, id(self.static), self.unified, self.num_splits
 
 
 def fast_decoder(model, memory, capacity: int, *, use_graph: bool | None = None) -> FastDecoder:

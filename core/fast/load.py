@@ -42,12 +42,14 @@ def load_memory(reader, model, *, capacity: int = 1024, workers: int | None = No
     with torch.no_grad():
         for b in blocks:
             t = b["k"].shape[2]
-            for name, dst in (("k", static.mem_k), ("v", static.mem_v)):
+            for name, dst in (("k", static.k), ("v", static.v)):
                 x = b[name].to(dev, non_blocking=True).to(dt)  # [L, H, T, D]: one transfer per chunk
                 for layer in range(L):
                     dst[layer][0, :, at:at + t] = x[layer]
             spans.append((at, at + t))
             at += t
     cache = make_cache([(k, v) for k, v in zip(static.mem_k, static.mem_v)])
+    static.cache = cache
+    static._views()
     cache._combllama_static = static
     return KVMemory(cache, m["positions"]["logical_length"], [total] * L, spans)

@@ -1,5 +1,5 @@
-"""Preallocated K/V buffers for answering from a memory: per layer, the memory (written once) and a
-fixed-size turn buffer (question + answer) with a write index.
+"""Preallocated K/V buffers for answering from a memory: per layer one buffer holding the memory
+(written once) followed by a fixed number of turn slots (question + answer), with a write index.
 
 Nothing is concatenated or reallocated while answering, so a decode step has fixed shapes and
 addresses (what a CUDA graph needs), and cutting a turn back to the memory is resetting the index.
@@ -33,41 +33,58 @@ def uniform_length(memory) -> int | None:
 
 @dataclass
 class StaticKV:
-    """mem_k[l], mem_v[l]: [1, kv_heads, M, head_dim]; tail_k[l], tail_v[l]: [1, kv_heads, R, head_dim];
-    `used` slots of the tail hold this turn's tokens (a host int mirrored in `used_t`, a 0-d device
-    tensor that captured graphs read)."""
+    """Per layer one buffer k[l], v[l]: [1, kv_heads, M + R, head_dim] — the memory in [0, M), then R turn
+    slots. mem_k/mem_v and tail_k/tail_v are views of it, so one fused kernel can read the memory and the
+    turn together (over the first M + used entries) and nothing is copied to join them. `used` slots hold
+    this turn's tokens (a host int mirrored in `used_t`, a 0-d device tensor that captured graphs read).
+    `cache`: the DynamicCache whose layers view the memory part (re-pointed when buffers grow)."""
 
-    mem_k: list[Any]
-    mem_v: list[Any]
-    tail_k: list[Any]
-    tail_v: list[Any]
+    k: list[Any]
+    v: list[Any]
+    memory_length: int
     used_t: Any
     used: int = 0
     generation: int = field(default=0)  # bumped when buffers are reallocated (captured graphs go stale)
+    cache: Any = None
 
-    @property
-    def memory_length(self) -> int:
-        return self.mem_k[0].shape[2]
+    mem_k: list[Any] = field(init=False, repr=False)  # views [1, kv_heads, M, head_dim]
+    mem_v: list[Any] = field(init=False, repr=False)
+    tail_k: list[Any] = field(init=False, repr=False)  # views [1, kv_heads, R, head_dim]
+    tail_v: list[Any] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._views()
+
+    def _views(self) -> None:
+        M = self.memory_length
+        self.mem_k, self.mem_v = [b[:, :, :M] for b in self.k], [b[:, :, :M] for b in self.v]
+        self.tail_k, self.tail_v = [b[:, :, M:] for b in self.k], [b[:, :, M:] for b in self.v]
+        if self.cache is not None:
+            for lay, k, v in zip(self.cache.layers, self.mem_k, self.mem_v):
+                lay.keys, lay.values = k, v
 
     @property
     def capacity(self) -> int:
-        return self.tail_k[0].shape[2]
+        return self.k[0].shape[2] - self.memory_length
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.mem_k, *self.mem_v, *self.tail_k, *self.tail_v))
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
     @classmethod
     def allocate(cls, n_layers: int, kv_heads: int, head_dim: int, memory_length: int, capacity: int, *,
                  device, dtype) -> "StaticKV":
-        """Empty buffers; the caller fills mem_k/mem_v (e.g. straight from disk, see fast/load.py)."""
+        """Buffers with an uninitialised memory part (the caller fills mem_k/mem_v, e.g. straight from
+        disk, see fast/load.py) and zeroed turn slots."""
         import torch
 
-        shape_m, shape_t = (1, kv_heads, memory_length, head_dim), (1, kv_heads, capacity, head_dim)
-        new = lambda shape: [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layers)]  # noqa: E731
-        # Turn slots start at zero: a masked slot gets weight 0, and 0 × (an uninitialised NaN) is NaN.
-        zeros = lambda shape: [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]  # noqa: E731
-        return cls(new(shape_m), new(shape_m), zeros(shape_t), zeros(shape_t),
+        def new():
+            b = torch.empty((1, kv_heads, memory_length + capacity, head_dim), device=device, dtype=dtype)
+            # Turn slots start at zero: a masked slot gets weight 0, and 0 × (an uninitialised NaN) is NaN.
+            b[:, :, memory_length:].zero_()
+            return b
+
+        return cls([new() for _ in range(n_layers)], [new() for _ in range(n_layers)], memory_length,
                    torch.zeros((), dtype=torch.long, device=device))
 
     @classmethod
@@ -81,29 +98,35 @@ class StaticKV:
             raise ValueError("this memory is not a plain cache of equal-length layers")
         cache = memory.cache
         k0 = cache.layers[0].keys
-        st = cls.allocate(len(cache.layers), k0.shape[1], k0.shape[3], 0, capacity, device=k0.device,
-                          dtype=k0.dtype)
-        st.mem_k, st.mem_v = [], []
+        ks, vs = [], []
         for lay in cache.layers:
-            k, v = lay.keys[:, :, :n].contiguous(), lay.values[:, :, :n].contiguous()
-            lay.keys, lay.values = k, v  # the old (possibly longer) tensors are freed here
-            st.mem_k.append(k)
-            st.mem_v.append(v)
-        if not st.mem_k[0].is_cuda:
-            return st
-        torch.cuda.empty_cache()  # hand the freed copies back before anything else allocates
+            for src, dst in ((lay.keys, ks), (lay.values, vs)):
+                b = torch.empty((1, src.shape[1], n + capacity, src.shape[3]), device=src.device, dtype=src.dtype)
+                b[:, :, :n] = src[:, :, :n]
+                b[:, :, n:].zero_()
+                dst.append(b)
+            lay.keys, lay.values = ks[-1][:, :, :n], vs[-1][:, :, :n]  # the old tensors are freed here
+        st = cls(ks, vs, n, torch.zeros((), dtype=torch.long, device=k0.device), cache=cache)
+        if k0.is_cuda:
+            del k0
+            torch.cuda.empty_cache()  # hand the freed copies back before anything else allocates
         return st
 
     def ensure_capacity(self, capacity: int) -> None:
-        """Grow the turn buffers (rare: a turn longer than any before)."""
+        """Grow the turn slots (rare: a turn longer than any before): each layer's buffer is rebuilt in
+        turn (peak: one extra layer) and the cache re-pointed; captured graphs go stale."""
         import torch
 
         if capacity <= self.capacity:
             return
-        shape = (*self.tail_k[0].shape[:2], capacity, self.tail_k[0].shape[3])
-        like = self.tail_k[0]
-        self.tail_k = [torch.zeros(shape, device=like.device, dtype=like.dtype) for _ in self.tail_k]
-        self.tail_v = [torch.zeros(shape, device=like.device, dtype=like.dtype) for _ in self.tail_v]
+        M = self.memory_length
+        for bufs in (self.k, self.v):
+            for i, old in enumerate(bufs):
+                b = torch.empty((1, old.shape[1], M + capacity, old.shape[3]), device=old.device, dtype=old.dtype)
+                b[:, :, :M] = old[:, :, :M]
+                b[:, :, M:].zero_()
+                bufs[i] = b
+        self._views()
         self.reset()  # the new buffers hold no turn
         self.generation += 1
 

@@ -331,3 +331,46 @@ def test_smollm2_bf16_answers_like_plain(smollm2, smollm2_prompt):
     err_plain = sum(rel(p, r) for p, r in zip(plain_logits(m16, memory, question, answer), ref)) / len(ref)
     err_fast = sum(rel(f, r) for f, r in zip(fast_logits(m16, memory, question, answer), ref)) / len(ref)
     assert err_fast < 1.5 * err_plain
+
+
+def test_unified_decode_equals_split_decode(model):
+    """The one-kernel decode (memory and turn read together up to a device-side length) against the
+    memory kernel + masked turn + merge path, teacher-forced over several steps (fp32 math on the CPU;
+    the fused kernel itself is checked the same way in tests/gpu)."""
+    mem_ids = list(range(3, 40))
+    question, forced = [7, 8, 9, 10], [11, 12, 13, 14, 15]
+    outs = []
+    for unified in (False, True):
+        memory = memory_of(model, mem_ids)
+        st = StaticKV.adopt(memory, 16)
+        dec = FastDecoder(model, st, use_graph=False, unified=unified)
+        got = [dec.prefill(question, len(mem_ids))]
+        got += [dec.step(t, len(mem_ids) + len(question) + i).clone() for i, t in enumerate(forced)]
+        outs.append(got)
+    assert max(rel(a, b) for a, b in zip(*outs)) < 1e-5
+
+
+def test_prefix_attention_reads_only_the_first_n_entries():
+    torch.manual_seed(1)
+    q = torch.randn(1, 4, 1, 16)
+    k, v = torch.randn(1, 2, 50, 16), torch.randn(1, 2, 50, 16)
+    n = torch.tensor([23], dtype=torch.int32)
+    cu_q, cu_k = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0, 50], dtype=torch.int32)
+    got = attention.attend_prefix(q, k, v, n, cu_q, cu_k, scale=0.25)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 23:], v2[:, :, 23:] = 1e4, float("nan")  # what lies past n must not matter
+    assert torch.equal(attention.attend_prefix(q, k2, v2, n, cu_q, cu_k, scale=0.25), got)
+    ref = attention.attend(q, k[:, :, :23], v[:, :, :23], scale=0.25, backend="math")[0]
+    assert rel(got, ref) < 1e-6
+
+
+def test_growing_the_turn_slots_keeps_the_memory_and_repoints_the_cache(model):
+    memory = memory_of(model, list(range(3, 40)))
+    before = [lay.keys.clone() for lay in memory.cache.layers]
+    st = StaticKV.adopt(memory, 8)
+    assert [lay.keys.data_ptr() for lay in memory.cache.layers] == [b.data_ptr() for b in st.k]
+    st.ensure_capacity(64)
+    assert st.capacity == 64 and st.generation == 1 and st.used == 0
+    for lay, b, old in zip(memory.cache.layers, st.k, before):
+        assert lay.keys.data_ptr() == b.data_ptr() and torch.equal(lay.keys, old)  # views of the new buffers
+    assert all(float(t.abs().sum()) == 0 for t in st.tail_k)

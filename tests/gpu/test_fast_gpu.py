@@ -89,15 +89,17 @@ def memory_of(model, ids):
     return KVMemory(cache, len(ids), [len(ids)] * model.config.num_hidden_layers)
 
 
-def forced(model, mem_ids, q, answer, graph):
+def forced(model, mem_ids, q, answer, graph, unified=None):
     """Teacher-forced logits after the question and after each answer token: through transformers'
-    forward (graph None) or the fast path (eager or CUDA graph)."""
+    forward (graph None) or the fast path (eager or CUDA graph; `unified` forces the decode variant)."""
     n = len(mem_ids)
     if graph is None:
         mem = memory_of(model, mem_ids)
         out = [prefill(model, q, mem.cache, n).float()]
         return out + [prefill(model, [t], mem.cache, n + len(q) + i).float() for i, t in enumerate(answer)]
     dec = fast_decoder(model, memory_of(model, mem_ids), len(q) + len(answer), use_graph=graph)
+    if unified is not None:
+        dec.unified = unified
     out = [dec.prefill(q, n).float()]
     out += [dec.step(t, n + len(q) + i).float().clone() for i, t in enumerate(answer)]
     assert dec.use_graph == graph and (dec._graph is not None) == graph
@@ -127,6 +129,34 @@ def test_bf16_graph_decode_is_as_close_to_fp32_as_transformers(model32, model):
     for e, gr in zip(eager, graph):
         assert rel(gr, e) < 1e-3  # same kernels, replayed
     assert mean_rel(graph, ref) < 1.5 * mean_rel(plain, ref)
+
+
+def test_unified_decode_is_one_kernel_as_close_to_fp32_as_the_split_one(model32, model):
+    """bf16: memory and turn read by one FlashAttention varlen launch up to a device-side length
+    (attention.attend_prefix), against the memory kernel + masked turn + merge, both captured."""
+    assert attention.prefix_available("cuda", torch.bfloat16), attention._flash_args()
+    g = torch.Generator().manual_seed(4)
+    mem_ids = torch.randint(0, 1024, (3000,), generator=g).tolist()
+    q, answer = torch.randint(0, 1024, (11,), generator=g).tolist(), torch.randint(0, 1024, (12,), generator=g).tolist()
+    ref = forced(model32, mem_ids, q, answer, None)
+    split, unified = (forced(model, mem_ids, q, answer, True, unified=u) for u in (False, True))
+    assert split[0].equal(unified[0])  # the prompt's prefill is the same code in both
+    assert mean_rel(unified, ref) < 1.2 * mean_rel(split, ref) + 1e-3
+    # The two variants are closer to each other than either is to fp32 (bf16 rounding, not a bug).
+    assert max(rel(a, b) for a, b in zip(unified, split)) < max(rel(a, b) for a, b in zip(split, ref))
+
+
+def test_prefix_kernel_matches_fp64_past_the_used_length():
+    q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 8, 5000, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    cu_q = torch.tensor([0, 1], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, 5000], dtype=torch.int32, device="cuda")
+    for n in (1, 777, 4096, 5000):
+        ref, _ = reference(q, k[:, :, :n], v[:, :, :n], 128 ** -0.5, False)
+        nt = torch.tensor([n], dtype=torch.int32, device="cuda")
+        for splits in (None, 1, 8):
+            out = attention.attend_prefix(q, k, v, nt, cu_q, cu_k, scale=128 ** -0.5, num_splits=splits)
+            assert rel(out, ref) < 2e-2, (n, splits, rel(out, ref))
 
 
 def test_engine_takes_the_fast_path_on_cuda_and_answers_like_plain(model32):
