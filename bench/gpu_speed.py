@@ -316,15 +316,15 @@ def combllama_method(torch, loaded, dev: Device, doc, q_ids, method_name: str, b
     root = store.path(name)
     capacity = len(q_ids) + args.decode_tokens + 64
 
-    def ttft(tag: str):
+    def ttft(tag: str, pinned: bool | None = None):
         from combllama.core.memory.bundle import MemoryReader
 
-        rec: dict = {}
+        rec: dict = {"phases": {}}
         with phase(dev, rec, "total"):
             t = time.perf_counter()
             reader = MemoryReader(root)
             reader.check_model(loaded.fingerprint)
-            memory = load_memory(reader, loaded.model, capacity=capacity)
+            memory = load_memory(reader, loaded.model, capacity=capacity, pinned=pinned, timings=rec["phases"])
             dev.sync()
             rec["load_s"] = round(time.perf_counter() - t, 4)
             gen = Engine(loaded.model, memory, [], fast=None if dev.cuda else True).generate(
@@ -337,9 +337,15 @@ def combllama_method(torch, loaded, dev: Device, doc, q_ids, method_name: str, b
 
     ttft("warm_1")
     dev.free()
+    if dev.cuda:  # the same load through pageable buffers (a staging copy per transfer), for comparison
+        ttft("warm_pageable", pinned=False)
+        dev.free()
     memory = ttft("warm_2")  # the first warm run also pays one-off costs (allocator, kernel selection)
-    r["load_s"] = r["load_warm_2"]["load_s"]
-    r["ttft_memory_s"] = min(r["load_warm_1"]["ttft_s"], r["load_warm_2"]["ttft_s"])
+    # The headline is the first load in the process (what a fresh `combllama ask` pays, page cache warm);
+    # a reload in the same process (a chat reattaching) reuses the allocator's host and device memory.
+    r["load_s"] = r["load_warm_1"]["load_s"]
+    r["ttft_memory_s"] = r["load_warm_1"]["ttft_s"]
+    r["ttft_reload_s"] = r["load_warm_2"]["ttft_s"]
     with phase(dev, r, "decode"):
         eng = Engine(loaded.model, memory, [], fast=None if dev.cuda else True)
         list(eng.generate(q_ids, GenerateOptions(max_new_tokens=4)))  # captures the graph
@@ -508,7 +514,7 @@ def markdown(rec: dict) -> str:
              f"Command: `{rec['command']}`. Date {rec['date']}.", "",
              f"Correctness first (fast path vs transformers' forward, teacher-forced): "
              f"{json.dumps(rec.get('correctness'))}", "",
-             "| tokens | path | ingest tok/s | bytes/doc token | load warm s | load cold s | TTFT s | "
+             "| tokens | path | ingest tok/s | bytes/doc token | load warm s | load cold s | TTFT s (first load in process) | "
              "decode tok/s | peak GPU GiB | peak host GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rec["rows"]:
         p = r.get("plain") or {}
@@ -530,7 +536,7 @@ def markdown(rec: dict) -> str:
             host = max(x or 0 for x in (c.get("ingest_peak_host_gib"), c["load_warm_2"].get("total_peak_host_gib")))
             lines.append(f"| {n} | combllama {name} ({c['memory_tokens']:,} entries) | {c['ingest_doc_tok_s']:,.0f} | "
                          f"{c['bytes_per_document_token']:,.0f} | {c['load_s']:.3f} | {cold if cold == '' else f'{cold:.3f}'} | "
-                         f"{c['ttft_memory_s']:.3f} | {c['decode_tok_s']}"
+                         f"{c['ttft_memory_s']:.3f} (reload {c.get('ttft_reload_s', 0):.3f}) | {c['decode_tok_s']}"
                          + (f" (split decode {c['decode_tok_s_split']})" if c.get("decode_tok_s_split") else "")
                          + f" | {gpu} | {host} |")
     lines += ["", "Longest document that fits: " + "; ".join(f"{k}: {v:,}" if isinstance(v, int) else f"{k}: {v}"

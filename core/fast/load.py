@@ -1,11 +1,13 @@
-"""Loading a persisted KV memory straight into a StaticKV: every chunk file is read and verified by a
-pool of threads (size, sha256, header, shapes, finiteness: MemoryReader's own checks), and only when
-all of them passed is device memory allocated and filled, chunk by chunk, without a host-side
-concatenation. For methods whose chunks are plain [layers, kv_heads, tokens, head_dim] blocks.
+"""Loading a persisted KV memory straight into a StaticKV: every chunk file is verified by a pool of
+threads (size, sha256, header, shapes: MemoryReader's own checks), and only when all of them passed is
+device memory allocated and filled, chunk by chunk, through a few reused (page-locked) host buffers and
+without a host-side concatenation. For methods whose chunks are plain [layers, kv_heads, tokens,
+head_dim] blocks.
 """
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import BadInputError
@@ -19,10 +21,33 @@ def loadable(manifest: dict) -> bool:
     return manifest["method"]["name"] in BLOCK_METHODS
 
 
-def load_memory(reader, model, *, capacity: int = 1024, workers: int | None = None) -> KVMemory:
-    """The memory of `reader` (already opened and checked against the model) as a KVMemory whose cache
-    layers are views of a StaticKV with `capacity` turn slots (kept on the cache for core/fast)."""
+def _pinned(n: int):
+    """A page-locked uint8 host buffer (DMA to the GPU at full bus speed), or None when the host refuses."""
     import torch
+
+    try:
+        return torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    except RuntimeError:
+        return None
+
+
+def load_memory(reader, model, *, capacity: int = 1024, workers: int | None = None, pinned: bool | None = None,
+                ring: int = 4, timings: dict | None = None) -> KVMemory:
+    """The memory of `reader` (already opened and checked against the model) as a KVMemory whose cache
+    layers are views of a StaticKV with `capacity` turn slots (kept on the cache for core/fast).
+
+    Two passes, so that a fresh process never has to hold (and first-touch) the whole memory in host RAM:
+    1. verify: every chunk file is streamed through a small per-thread buffer (size, sha256, header,
+       names/dtypes/shapes) by a pool of threads; nothing is kept and nothing is allocated on the device;
+    2. transfer: device buffers are allocated, and each chunk is read again into one of `ring` reused host
+       buffers (page-locked on CUDA unless `pinned` is False), its checksum checked again (the file must
+       not have changed since pass 1), and copied to the device while the next chunks are read.
+    Finiteness is checked where the values land, before the memory is returned. `timings` receives the
+    seconds of each pass."""
+    import torch
+
+    from ..errors import CorruptMemoryError
+    from ..memory.bundle import all_finite
 
     m = reader.manifest
     if not loadable(m):
@@ -30,25 +55,55 @@ def load_memory(reader, model, *, capacity: int = 1024, workers: int | None = No
     records = [r for r in m["chunks"] if r.get("file")]
     if not records:
         raise BadInputError(f"{reader.name}: the memory holds no tokens")
+    dev, dt = model.device, model.dtype
+    pinned = dev.type == "cuda" if pinned is None else pinned and dev.type == "cuda"
     # hashlib and file reads release the GIL: threads scale with cores on large chunk files.
     n = workers or min(16, os.cpu_count() or 1, len(records))
+    t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=n) as pool:
-        blocks = list(pool.map(reader.chunk, records))  # raises the first CorruptMemoryError; no GPU yet
-    L, H, _, D = blocks[0]["k"].shape
-    total = sum(b["k"].shape[2] for b in blocks)
-    dev, dt = model.device, model.dtype
+        list(pool.map(reader.check_chunk, records))  # raises the first CorruptMemoryError; no device memory yet
+    t1 = time.perf_counter()
+
+    L, H, _, D = records[0]["tensors"]["k"][1]
+    total = sum(r["tensors"]["k"][1][2] for r in records)
     static = StaticKV.allocate(L, H, D, total, capacity, device=dev, dtype=dt)
+    size = max(r["bytes"] for r in records)
+    k = min(ring, len(records))
+    bufs = [(_pinned(size) if pinned else None) for _ in range(k)]
+    bufs = [b if b is not None else torch.frombuffer(bytearray(size), dtype=torch.uint8) for b in bufs]
+    done = [None] * k  # per host buffer: the event after which its last copy to the device has finished
     spans, at = [], 0
-    with torch.no_grad():
-        for b in blocks:
+
+    def read(i: int):
+        j = i % k
+        if done[j] is not None:
+            done[j].synchronize()  # the buffer's previous chunk is on the device
+        return io.submit(reader.chunk, records[i], lambda nbytes: bufs[j][:nbytes], False)
+
+    with ThreadPoolExecutor(max_workers=k) as io, torch.no_grad():
+        pending = {i: read(i) for i in range(k)}
+        for i in range(len(records)):
+            b = pending.pop(i).result()
             t = b["k"].shape[2]
             for name, dst in (("k", static.k), ("v", static.v)):
                 x = b[name].to(dev, non_blocking=True).to(dt)  # [L, H, T, D]: one transfer per chunk
                 for layer in range(L):
                     dst[layer][0, :, at:at + t] = x[layer]
+            if dev.type == "cuda":
+                done[i % k] = torch.cuda.Event()
+                done[i % k].record()
             spans.append((at, at + t))
             at += t
-    cache = make_cache([(k, v) for k, v in zip(static.mem_k, static.mem_v)])
+            del b, x
+            if i + k < len(records):
+                pending[i + k] = read(i + k)
+        if not all(all_finite(buf[:, :, :total]) for buf in (*static.k, *static.v)):
+            del static
+            raise CorruptMemoryError(f"{reader.name}: the memory holds NaN or Inf")
+    if timings is not None:
+        timings.update(verify_s=round(t1 - t0, 4), transfer_s=round(time.perf_counter() - t1, 4),
+                       pinned=bool(pinned), workers=n, ring=k, bytes=sum(r["bytes"] for r in records))
+    cache = make_cache([(k_, v_) for k_, v_ in zip(static.mem_k, static.mem_v)])
     static.cache = cache
     static._views()
     cache._combllama_static = static

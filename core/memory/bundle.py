@@ -10,14 +10,15 @@ import datetime as _dt
 import hashlib
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import BusyError, CorruptMemoryError, IncompatibleMemoryError, NotAMemoryError
 from .durable import fsync_dir, storage, write_atomic
-from .format import (CHUNK_FILE, FORMAT, FORMAT_VERSION, MAX_MANIFEST_BYTES, parse_manifest, safetensors_header,
-                     seal_manifest)
+from .format import (CHUNK_FILE, FORMAT, FORMAT_VERSION, MAX_HEADER_BYTES, MAX_MANIFEST_BYTES, parse_manifest,
+                     safetensors_header, seal_manifest)
 
 MANIFEST = "MANIFEST.json"
 TOKENS = "tokens.safetensors"
@@ -29,11 +30,7 @@ def _dtype_code(t) -> str:
     return _DT[str(t.dtype).removeprefix("torch.")]
 
 
-def _load_verified(path: Path, expect_bytes: int, expect_sha: str, expect_tensors: dict, where: str) -> dict:
-    """Read a tensor file, check size → sha256 → header → names/dtypes/shapes → finiteness; CPU tensors.
-
-    The file is read once into one buffer and the tensors are views of it (no second copy): loading a
-    memory is bound by reading and hashing, not by copies."""
+def _check_file(path: Path, expect_bytes: int, where: str) -> None:
     try:
         st = path.lstat()
     except FileNotFoundError:
@@ -42,20 +39,61 @@ def _load_verified(path: Path, expect_bytes: int, expect_sha: str, expect_tensor
         raise CorruptMemoryError(f"{where}: {path.name} is not a regular file")
     if st.st_size != expect_bytes:
         raise CorruptMemoryError(f"{where}: {path.name} is {st.st_size} bytes, manifest says {expect_bytes} (truncated?)")
-    data = bytearray(expect_bytes)
-    with open(path, "rb", buffering=0) as f:
-        got = f.readinto(data)
-    if got != expect_bytes:
-        raise CorruptMemoryError(f"{where}: {path.name} shrank while it was read")
-    if hashlib.sha256(data).hexdigest() != expect_sha:
-        raise CorruptMemoryError(f"{where}: checksum mismatch in {path.name}")
-    header = safetensors_header(data, where)
+
+
+def _check_tensors(header: dict, expect_tensors: dict, where: str, file: str) -> None:
     found = {k: [v["dtype"], list(v["shape"])] for k, v in header.items() if k != "__metadata__"}
     if found != {k: [v[0], list(v[1])] for k, v in expect_tensors.items()}:
-        raise CorruptMemoryError(f"{where}: tensors in {path.name} differ from the manifest")
+        raise CorruptMemoryError(f"{where}: tensors in {file} differ from the manifest")
+
+
+_scratch = threading.local()
+
+
+def _check_streamed(path: Path, expect_bytes: int, expect_sha: str, expect_tensors: dict, where: str,
+                    block: int = 8 << 20) -> None:
+    """The checks of _load_verified but finiteness, streaming the file through one small buffer per thread:
+    nothing is kept, so a whole memory can be verified before anything is allocated for it."""
+    _check_file(path, expect_bytes, where)
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or len(buf) != block:
+        buf = _scratch.buf = bytearray(block)
+    view, h, head, got = memoryview(buf), hashlib.sha256(), bytearray(), 0
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(view):
+            h.update(view[:n])
+            if len(head) < 8 + MAX_HEADER_BYTES:
+                head += view[:min(n, 8 + MAX_HEADER_BYTES - len(head))]
+            got += n
+    if got != expect_bytes:
+        raise CorruptMemoryError(f"{where}: {path.name} changed size while it was read")
+    if h.hexdigest() != expect_sha:
+        raise CorruptMemoryError(f"{where}: checksum mismatch in {path.name}")
+    _check_tensors(safetensors_header(bytes(head), where, expect_bytes), expect_tensors, where, path.name)
+
+
+def _load_verified(path: Path, expect_bytes: int, expect_sha: str, expect_tensors: dict, where: str,
+                   alloc=None, finite: bool = True) -> dict:
+    """Read a tensor file, check size → sha256 → header → names/dtypes/shapes → finiteness; CPU tensors.
+
+    The file is read once into one buffer and the tensors are views of it (no second copy): loading a
+    memory is bound by reading and hashing, not by copies. `alloc(n)` may supply that buffer as a uint8
+    CPU tensor of n bytes (e.g. page-locked, so the tensors go to a GPU by DMA at full speed); `finite`
+    False leaves the NaN/Inf check to the caller (core/fast/load.py does it on the device)."""
+    _check_file(path, expect_bytes, where)
+    data = bytearray(expect_bytes) if alloc is None else alloc(expect_bytes)
+    with open(path, "rb", buffering=0) as f:
+        got = f.readinto(data if alloc is None else data.numpy())
+    if got != expect_bytes:
+        raise CorruptMemoryError(f"{where}: {path.name} shrank while it was read")
+    raw = data if alloc is None else memoryview(data.numpy())
+    if hashlib.sha256(raw).hexdigest() != expect_sha:
+        raise CorruptMemoryError(f"{where}: checksum mismatch in {path.name}")
+    header = safetensors_header(raw, where)
+    _check_tensors(header, expect_tensors, where, path.name)
     tensors = _views(data, header, where, path.name)
     for name, t in tensors.items():
-        if t.is_floating_point() and t.numel() and not all_finite(t):
+        if finite and t.is_floating_point() and t.numel() and not all_finite(t):
             raise CorruptMemoryError(f"{where}: tensor {name!r} holds NaN or Inf")
     return tensors
 
@@ -64,12 +102,14 @@ _TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": 
                  "I16": "int16", "I8": "int8", "U8": "uint8"}
 
 
-def _views(data: bytearray, header: dict, where: str, file: str) -> dict:
-    """Tensors of a checked safetensors buffer (safetensors_header validated every offset), as views of
-    `data`; a tensor whose offset is not aligned to its element size goes through safetensors (a copy)."""
+def _views(data, header: dict, where: str, file: str) -> dict:
+    """Tensors of a checked safetensors buffer (a bytearray or a uint8 tensor; safetensors_header validated
+    every offset), as views of it; a tensor whose offset is not aligned to its element size goes through
+    safetensors (a copy)."""
     import torch
 
-    base = 8 + int.from_bytes(data[:8], "little")
+    flat_all = torch.frombuffer(data, dtype=torch.uint8) if isinstance(data, bytearray) else data
+    base = 8 + int.from_bytes(flat_all[:8].numpy().tobytes(), "little")
     out, copy = {}, False
     for name, spec in header.items():
         if name == "__metadata__":
@@ -79,15 +119,13 @@ def _views(data: bytearray, header: dict, where: str, file: str) -> dict:
         if (base + a) % dtype.itemsize:
             copy = True
             break
-        flat = torch.frombuffer(data, dtype=torch.uint8, count=b - a, offset=base + a) if b > a else \
-            torch.empty(0, dtype=torch.uint8)
-        out[name] = flat.view(dtype).view(spec["shape"])
+        out[name] = flat_all[base + a:base + b].view(dtype).view(spec["shape"])
     if not copy:
         return out
     from safetensors.torch import load as st_load
 
     try:
-        return st_load(bytes(data))
+        return st_load(bytes(data) if isinstance(data, bytearray) else data.numpy().tobytes())
     except Exception as e:  # safetensors raises its own error type; report it as corruption
         raise CorruptMemoryError(f"{where}: {file} does not parse ({e})") from None
 
@@ -287,11 +325,19 @@ class MemoryReader:
                                  {"ids": ["I32", [t["count"]]]}, self.name)
         return tensors["ids"].tolist()
 
-    def chunk(self, record: dict) -> dict:
+    def chunk(self, record: dict, alloc=None, finite: bool = True) -> dict:
+        """The verified tensors of one chunk (views of one buffer; `alloc`, `finite`: see _load_verified)."""
         if not record.get("file"):
             return {}
         return _load_verified(self.root / record["file"], record["bytes"], record["sha256"], record["tensors"],
-                              f"{self.name} chunk {record['seq']}")
+                              f"{self.name} chunk {record['seq']}", alloc, finite)
+
+    def check_chunk(self, record: dict) -> None:
+        """Verify one chunk file (size, sha256, header, tensor names/dtypes/shapes) streaming, keeping
+        nothing: CorruptMemoryError when it fails. Finiteness needs the values: see chunk()."""
+        if record.get("file"):
+            _check_streamed(self.root / record["file"], record["bytes"], record["sha256"], record["tensors"],
+                            f"{self.name} chunk {record['seq']}")
 
     def chunks(self) -> Iterator[tuple[dict, dict]]:
         for record in self.manifest["chunks"]:

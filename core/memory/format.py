@@ -174,18 +174,20 @@ def _check_schema(m: dict, where: str) -> None:
          "ingest.next_seq does not match the chunk list")
 
 
-def safetensors_header(data: bytes, where: str) -> dict:
+def safetensors_header(data: bytes, where: str, size: int | None = None) -> dict:
     """Pre-parse a safetensors buffer's header before safetensors sees it: size caps, strict JSON
-    (safetensors itself keeps the last of duplicate keys), offsets inside the buffer."""
+    (safetensors itself keeps the last of duplicate keys), offsets inside the buffer. `data` may be only
+    the file's first bytes (through the header) when `size`, the whole file's length, is given."""
+    size = len(data) if size is None else size
     if len(data) < 8:
         raise CorruptMemoryError(f"{where}: truncated (no header)")
     (n,) = struct.unpack("<Q", data[:8])
-    if n > MAX_HEADER_BYTES or n > len(data) - 8:
-        raise CorruptMemoryError(f"{where}: header length {n} is impossible for a {len(data)}-byte file")
-    header = strict_json(data[8:8 + n], where)
+    if n > MAX_HEADER_BYTES or n > size - 8 or n > len(data) - 8:
+        raise CorruptMemoryError(f"{where}: header length {n} is impossible for a {size}-byte file")
+    header = strict_json(bytes(data[8:8 + n]), where)  # bytes: `data` may be a memoryview
     if not isinstance(header, dict):
         raise CorruptMemoryError(f"{where}: header is not an object")
-    body = len(data) - 8 - n
+    body = size - 8 - n
     for name, spec in header.items():
         if name == "__metadata__":
             continue

@@ -61,7 +61,9 @@ def test_fast_loader_equals_attach(tiny, long_doc, store, method, budget):
     reader = store.open("m")
     assert loadable(reader.manifest)
     ref = from_manifest(reader.manifest).attach(tiny.model, reader.manifest, reader.chunks())
-    got = load_memory(reader, tiny.model, capacity=64, workers=3)
+    timings: dict = {}
+    got = load_memory(reader, tiny.model, capacity=64, workers=3, timings=timings)
+    assert timings["verify_s"] > 0 and timings["bytes"] == sum(c["bytes"] for c in reader.manifest["chunks"])
     assert got.lengths == ref.lengths and got.logical_length == ref.logical_length
     assert got.chunk_spans == ref.chunk_spans
     for a, b in zip(got.cache.layers, ref.cache.layers):
@@ -81,3 +83,84 @@ def test_fast_loader_refuses_corruption(tiny, long_doc, store):
     last.write_bytes(bytes(data))
     with pytest.raises(CorruptMemoryError):
         load_memory(reader, tiny.model)
+
+
+def test_chunks_read_into_a_supplied_buffer_equal_the_default_read(tiny, long_doc, store):
+    """The path the GPU loader takes with page-locked buffers: same tensors, views of the one buffer."""
+    ingest(tiny, long_doc, get_method("full"), store, name="m", config=EncodeConfig(chunk_tokens=96))
+    reader = store.open("m")
+    buffers = []
+    alloc = lambda n: buffers.append(torch.empty(n, dtype=torch.uint8)) or buffers[-1]  # noqa: E731
+    for record in reader.manifest["chunks"]:
+        plain, supplied = reader.chunk(record), reader.chunk(record, alloc)
+        assert plain.keys() == supplied.keys()
+        for name in plain:
+            assert torch.equal(plain[name], supplied[name])
+            assert supplied[name].untyped_storage().data_ptr() == buffers[-1].untyped_storage().data_ptr()
+
+
+def _rewrite_chunk(reader, seq: int, mutate) -> None:
+    """Replace chunk `seq` by a correctly hashed file whose tensors `mutate` changed (the manifest follows)."""
+    import hashlib
+    import json
+
+    from safetensors.torch import save
+
+    from combllama.core.memory.format import seal_manifest
+
+    rec = reader.manifest["chunks"][seq]
+    tensors = {k: v.clone() for k, v in reader.chunk(rec).items()}
+    mutate(tensors)
+    data = save(tensors)
+    sha = hashlib.sha256(data).hexdigest()
+    new_file = f"chunks/{seq:06d}-{sha[:12]}.safetensors"
+    (reader.root / new_file).write_bytes(data)
+    m = json.loads((reader.root / "MANIFEST.json").read_text())
+    m["chunks"][seq].update(file=new_file, sha256=sha, bytes=len(data))
+    (reader.root / "MANIFEST.json").write_bytes(seal_manifest(m))
+
+
+@pytest.mark.parametrize("damage", ["bitflip", "truncate", "shape"])
+def test_streamed_check_refuses_what_chunk_refuses(tiny, long_doc, store, damage):
+    ingest(tiny, long_doc, get_method("full"), store, name="m", config=EncodeConfig(chunk_tokens=96))
+    reader = store.open("m")
+    for rec in reader.manifest["chunks"]:
+        reader.check_chunk(rec)  # intact: passes
+    if damage == "shape":
+        _rewrite_chunk(reader, 1, lambda t: t.update(k=t["k"][:, :, :-1].contiguous()))
+        reader = store.open("m")
+    else:
+        path = reader.root / reader.manifest["chunks"][1]["file"]
+        data = bytearray(path.read_bytes())
+        if damage == "bitflip":
+            data[len(data) // 2] ^= 0x01
+        else:
+            del data[-100:]
+        path.write_bytes(bytes(data))
+    rec = reader.manifest["chunks"][1]
+    with pytest.raises(CorruptMemoryError) as a:
+        reader.chunk(rec)
+    with pytest.raises(CorruptMemoryError) as b:
+        reader.check_chunk(rec)
+    assert str(a.value) == str(b.value)
+    with pytest.raises(CorruptMemoryError):
+        load_memory(reader, tiny.model)
+
+
+def test_a_file_changed_between_the_passes_and_nan_values_are_refused(tiny, long_doc, store, monkeypatch):
+    ingest(tiny, long_doc, get_method("full"), store, name="m", config=EncodeConfig(chunk_tokens=96))
+    reader = store.open("m")
+    path = reader.root / reader.manifest["chunks"][-1]["file"]
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10
+    path.write_bytes(bytes(data))
+    monkeypatch.setattr(reader, "check_chunk", lambda record: None)  # pass 1 saw the file before the change
+    with pytest.raises(CorruptMemoryError, match="checksum"):
+        load_memory(reader, tiny.model, ring=2)
+    monkeypatch.undo()
+
+    ingest(tiny, long_doc, get_method("full"), store, name="n", config=EncodeConfig(chunk_tokens=96))
+    reader = store.open("n")
+    _rewrite_chunk(reader, 2, lambda t: t["v"].view(-1)[7:8].fill_(float("inf")))
+    with pytest.raises(CorruptMemoryError, match="NaN or Inf"):
+        load_memory(store.open("n"), tiny.model, ring=2)
