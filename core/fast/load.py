@@ -15,6 +15,7 @@ from ..methods.base import KVMemory, make_cache
 from .static_cache import StaticKV
 
 BLOCK_METHODS = ("full", "truncate")  # chunks hold "k", "v" [L, H, T, D] in memory order
+RING_BYTES = 4 << 30  # host buffers of the transfer pass, all together
 
 
 def loadable(manifest: dict) -> bool:
@@ -32,7 +33,7 @@ def _pinned(n: int):
 
 
 def load_memory(reader, model, *, capacity: int = 1024, workers: int | None = None, pinned: bool | None = None,
-                ring: int = 4, timings: dict | None = None) -> KVMemory:
+                ring: int = 8, timings: dict | None = None) -> KVMemory:
     """The memory of `reader` (already opened and checked against the model) as a KVMemory whose cache
     layers are views of a StaticKV with `capacity` turn slots (kept on the cache for core/fast).
 
@@ -40,8 +41,9 @@ def load_memory(reader, model, *, capacity: int = 1024, workers: int | None = No
     1. verify: every chunk file is streamed through a small per-thread buffer (size, sha256, header,
        names/dtypes/shapes) by a pool of threads; nothing is kept and nothing is allocated on the device;
     2. transfer: device buffers are allocated, and each chunk is read again into one of `ring` reused host
-       buffers (page-locked on CUDA unless `pinned` is False), its checksum checked again (the file must
-       not have changed since pass 1), and copied to the device while the next chunks are read.
+       buffers (page-locked on CUDA unless `pinned` is False; at most RING_BYTES in all) and copied to the
+       device while the next chunks are read. A file whose identity (inode, size, mtime, ctime) is still the
+       one pass 1 hashed is not hashed again; any other is, so a change between the passes is caught.
     Finiteness is checked where the values land, before the memory is returned. `timings` receives the
     seconds of each pass."""
     import torch
@@ -61,14 +63,14 @@ def load_memory(reader, model, *, capacity: int = 1024, workers: int | None = No
     n = workers or min(16, os.cpu_count() or 1, len(records))
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=n) as pool:
-        list(pool.map(reader.check_chunk, records))  # raises the first CorruptMemoryError; no device memory yet
+        known = list(pool.map(reader.check_chunk, records))  # raises the first CorruptMemoryError; no device memory
     t1 = time.perf_counter()
 
     L, H, _, D = records[0]["tensors"]["k"][1]
     total = sum(r["tensors"]["k"][1][2] for r in records)
     static = StaticKV.allocate(L, H, D, total, capacity, device=dev, dtype=dt)
     size = max(r["bytes"] for r in records)
-    k = min(ring, len(records))
+    k = max(1, min(ring, len(records), RING_BYTES // size))
     bufs = [(_pinned(size) if pinned else None) for _ in range(k)]
     bufs = [b if b is not None else torch.frombuffer(bytearray(size), dtype=torch.uint8) for b in bufs]
     done = [None] * k  # per host buffer: the event after which its last copy to the device has finished
@@ -78,7 +80,7 @@ def load_memory(reader, model, *, capacity: int = 1024, workers: int | None = No
         j = i % k
         if done[j] is not None:
             done[j].synchronize()  # the buffer's previous chunk is on the device
-        return io.submit(reader.chunk, records[i], lambda nbytes: bufs[j][:nbytes], False)
+        return io.submit(reader.chunk, records[i], lambda nbytes: bufs[j][:nbytes], False, known[i])
 
     with ThreadPoolExecutor(max_workers=k) as io, torch.no_grad():
         pending = {i: read(i) for i in range(k)}

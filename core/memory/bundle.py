@@ -50,44 +50,60 @@ def _check_tensors(header: dict, expect_tensors: dict, where: str, file: str) ->
 _scratch = threading.local()
 
 
+def _identity(fd: int) -> tuple:
+    """What changes whenever a file's contents can have changed: same inode, size, mtime and ctime (which no
+    user can set back) mean the same bytes as when it was last hashed. (Timestamps move in clock ticks, so a
+    rewrite within milliseconds of the hash could keep them; that needs a writer changing a committed chunk
+    file in place, which combllama never does: chunks are new files, renamed in.)"""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def _check_streamed(path: Path, expect_bytes: int, expect_sha: str, expect_tensors: dict, where: str,
-                    block: int = 8 << 20) -> None:
+                    block: int = 8 << 20) -> tuple:
     """The checks of _load_verified but finiteness, streaming the file through one small buffer per thread:
-    nothing is kept, so a whole memory can be verified before anything is allocated for it."""
+    nothing is kept, so a whole memory can be verified before anything is allocated for it. Returns the
+    file's identity (see _identity) for a later read that may then skip the hash."""
     _check_file(path, expect_bytes, where)
     buf = getattr(_scratch, "buf", None)
     if buf is None or len(buf) != block:
         buf = _scratch.buf = bytearray(block)
     view, h, head, got = memoryview(buf), hashlib.sha256(), bytearray(), 0
     with open(path, "rb", buffering=0) as f:
+        before = _identity(f.fileno())
         while n := f.readinto(view):
             h.update(view[:n])
             if len(head) < 8 + MAX_HEADER_BYTES:
                 head += view[:min(n, 8 + MAX_HEADER_BYTES - len(head))]
             got += n
-    if got != expect_bytes:
-        raise CorruptMemoryError(f"{where}: {path.name} changed size while it was read")
+        if got != expect_bytes or _identity(f.fileno()) != before:
+            raise CorruptMemoryError(f"{where}: {path.name} changed while it was read")
     if h.hexdigest() != expect_sha:
         raise CorruptMemoryError(f"{where}: checksum mismatch in {path.name}")
     _check_tensors(safetensors_header(bytes(head), where, expect_bytes), expect_tensors, where, path.name)
+    return before
 
 
 def _load_verified(path: Path, expect_bytes: int, expect_sha: str, expect_tensors: dict, where: str,
-                   alloc=None, finite: bool = True) -> dict:
+                   alloc=None, finite: bool = True, known: tuple | None = None) -> dict:
     """Read a tensor file, check size → sha256 → header → names/dtypes/shapes → finiteness; CPU tensors.
 
     The file is read once into one buffer and the tensors are views of it (no second copy): loading a
     memory is bound by reading and hashing, not by copies. `alloc(n)` may supply that buffer as a uint8
     CPU tensor of n bytes (e.g. page-locked, so the tensors go to a GPU by DMA at full speed); `finite`
-    False leaves the NaN/Inf check to the caller (core/fast/load.py does it on the device)."""
+    False leaves the NaN/Inf check to the caller (core/fast/load.py does it on the device). `known`: the
+    identity _check_streamed returned when it hashed this file; while the file still has it, the bytes are
+    the ones hashed and the hash is not computed again (any change of the file falls back to hashing)."""
     _check_file(path, expect_bytes, where)
     data = bytearray(expect_bytes) if alloc is None else alloc(expect_bytes)
     with open(path, "rb", buffering=0) as f:
+        same = known is not None and _identity(f.fileno()) == known
         got = f.readinto(data if alloc is None else data.numpy())
+        same = same and _identity(f.fileno()) == known
     if got != expect_bytes:
         raise CorruptMemoryError(f"{where}: {path.name} shrank while it was read")
     raw = data if alloc is None else memoryview(data.numpy())
-    if hashlib.sha256(raw).hexdigest() != expect_sha:
+    if not same and hashlib.sha256(raw).hexdigest() != expect_sha:
         raise CorruptMemoryError(f"{where}: checksum mismatch in {path.name}")
     header = safetensors_header(raw, where)
     _check_tensors(header, expect_tensors, where, path.name)
@@ -325,19 +341,22 @@ class MemoryReader:
                                  {"ids": ["I32", [t["count"]]]}, self.name)
         return tensors["ids"].tolist()
 
-    def chunk(self, record: dict, alloc=None, finite: bool = True) -> dict:
-        """The verified tensors of one chunk (views of one buffer; `alloc`, `finite`: see _load_verified)."""
+    def chunk(self, record: dict, alloc=None, finite: bool = True, known: tuple | None = None) -> dict:
+        """The verified tensors of one chunk (views of one buffer; `alloc`, `finite`, `known`: see
+        _load_verified)."""
         if not record.get("file"):
             return {}
         return _load_verified(self.root / record["file"], record["bytes"], record["sha256"], record["tensors"],
-                              f"{self.name} chunk {record['seq']}", alloc, finite)
+                              f"{self.name} chunk {record['seq']}", alloc, finite, known)
 
-    def check_chunk(self, record: dict) -> None:
+    def check_chunk(self, record: dict) -> tuple | None:
         """Verify one chunk file (size, sha256, header, tensor names/dtypes/shapes) streaming, keeping
-        nothing: CorruptMemoryError when it fails. Finiteness needs the values: see chunk()."""
-        if record.get("file"):
-            _check_streamed(self.root / record["file"], record["bytes"], record["sha256"], record["tensors"],
-                            f"{self.name} chunk {record['seq']}")
+        nothing: CorruptMemoryError when it fails; else the file's identity, for chunk(known=...).
+        Finiteness needs the values: see chunk()."""
+        if not record.get("file"):
+            return None
+        return _check_streamed(self.root / record["file"], record["bytes"], record["sha256"], record["tensors"],
+                               f"{self.name} chunk {record['seq']}")
 
     def chunks(self) -> Iterator[tuple[dict, dict]]:
         for record in self.manifest["chunks"]:

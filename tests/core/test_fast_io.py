@@ -3,6 +3,8 @@ write errors, and the fast loader gives the same memory (and the same answers) a
 refusing a corrupt memory before allocating anything."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -150,13 +152,22 @@ def test_streamed_check_refuses_what_chunk_refuses(tiny, long_doc, store, damage
 def test_a_file_changed_between_the_passes_and_nan_values_are_refused(tiny, long_doc, store, monkeypatch):
     ingest(tiny, long_doc, get_method("full"), store, name="m", config=EncodeConfig(chunk_tokens=96))
     reader = store.open("m")
-    path = reader.root / reader.manifest["chunks"][-1]["file"]
-    data = bytearray(path.read_bytes())
-    data[-5] ^= 0x10
-    path.write_bytes(bytes(data))
-    monkeypatch.setattr(reader, "check_chunk", lambda record: None)  # pass 1 saw the file before the change
+    last = reader.manifest["chunks"][-1]
+    path = reader.root / last["file"]
+    check = reader.check_chunk
+
+    def check_then_change(record):  # pass 1 hashes the intact file, then it changes before pass 2
+        identity = check(record)
+        if record is last:
+            time.sleep(0.05)  # file timestamps move in clock ticks (ms): a change must land in a later one
+            data = bytearray(path.read_bytes())
+            data[-5] ^= 0x10
+            path.write_bytes(bytes(data))
+        return identity
+
+    monkeypatch.setattr(reader, "check_chunk", check_then_change)
     with pytest.raises(CorruptMemoryError, match="checksum"):
-        load_memory(reader, tiny.model, ring=2)
+        load_memory(reader, tiny.model, ring=2, workers=1)
     monkeypatch.undo()
 
     ingest(tiny, long_doc, get_method("full"), store, name="n", config=EncodeConfig(chunk_tokens=96))
@@ -164,3 +175,23 @@ def test_a_file_changed_between_the_passes_and_nan_values_are_refused(tiny, long
     _rewrite_chunk(reader, 2, lambda t: t["v"].view(-1)[7:8].fill_(float("inf")))
     with pytest.raises(CorruptMemoryError, match="NaN or Inf"):
         load_memory(store.open("n"), tiny.model, ring=2)
+
+
+def test_the_transfer_pass_skips_the_hash_only_for_files_unchanged_since_checked(tiny, long_doc, store, monkeypatch):
+    import combllama.core.memory.bundle as bundle
+
+    ingest(tiny, long_doc, get_method("full"), store, name="m", config=EncodeConfig(chunk_tokens=96))
+    reader = store.open("m")
+    hashed = []
+    real = bundle.hashlib.sha256
+    monkeypatch.setattr(bundle.hashlib, "sha256", lambda *a: hashed.append(len(a[0]) if a else 0) or real(*a))
+    rec = reader.manifest["chunks"][0]
+    identity = reader.check_chunk(rec)
+    n = len(hashed)
+    assert torch.equal(reader.chunk(rec, known=identity)["k"], reader.chunk(rec)["k"])
+    assert len(hashed) == n + 1  # chunk(known=...) hashed nothing; the plain chunk() hashed once
+    path = reader.root / rec["file"]
+    time.sleep(0.05)
+    path.write_bytes(path.read_bytes())  # same bytes, new mtime/ctime: hashed again (and still valid)
+    reader.chunk(rec, known=identity)
+    assert len(hashed) == n + 2
