@@ -71,10 +71,10 @@ class GenerationStats:
 
 
 class Engine:
-    """`fast`: None (default) takes core/fast's static-cache, CUDA-graph path only when COMBLLAMA_FAST=1,
-    the model is on CUDA and the memory is a plain cache of equal-length layers; True takes it wherever
-    it applies (on a CPU without graphs); False never does. Opt-in until the H100 run's two failures in
-    tests/gpu/test_fast_gpu.py (bench/results/gpu/gpu-tests-h100.txt) are fixed."""
+    """`fast`: None (default) takes core/fast's static-cache, CUDA-graph path when the model is on CUDA and
+    the memory is a plain cache of equal-length layers, unless COMBLLAMA_FAST=0 (an escape hatch); True
+    takes it wherever it applies (on a CPU without graphs); False never does. The path's GPU tests:
+    tests/gpu/test_fast_gpu.py (H100 run: bench/results/gpu/gpu-tests-h100.txt)."""
 
     def __init__(self, model, memory: KVMemory, eos_ids: list[int], fast: bool | None = None):
         self.model, self.memory, self.eos_ids = model, memory, set(eos_ids)
@@ -87,7 +87,7 @@ class Engine:
 
         if self.fast is False:
             return None
-        if self.fast is None and (self.model.device.type != "cuda" or os.environ.get("COMBLLAMA_FAST") != "1"):
+        if self.fast is None and (self.model.device.type != "cuda" or os.environ.get("COMBLLAMA_FAST") == "0"):
             return None
         from .fast.decode import eligible, fast_decoder
         from .fast.static_cache import uniform_length
