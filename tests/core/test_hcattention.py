@@ -1,6 +1,8 @@
 """hcattention: product quantization, τ selection, the read path, and encode → disk → attach against `full`."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from combllama.core.methods.base import prefill, trim_cache
 from combllama.core.methods.hcattention import accounting, serve
 from combllama.core.methods.hcattention import method as hc_method
 from combllama.core.methods.hcattention import quant as Q
-from combllama.core.methods.hcattention.read import HostRows, Layer, Store, read_layer, select
+from combllama.core.methods.hcattention.read import HostRows, Layer, Store, read_layer, select, select_exact
 from combllama.core.prompt import turn_ids
 
 QUESTION = "Who is the keeper of the lighthouse at Gull Point?"
@@ -70,21 +72,62 @@ def test_int8_rows_round_trip():
 
 # --- selection and the read path ---------------------------------------------------------------------------
 
-def test_selection_holds_tau_of_the_mass_and_is_minimal_per_row():
+def test_exact_selection_holds_tau_of_the_mass_and_is_minimal_per_row():
     torch.manual_seed(1)
     logits = torch.randn(2, 1, 200) * 3
     resident = torch.full((2, 1), -torch.inf)
     for tau in (0.5, 0.9, 0.99):
-        mask = select(logits, resident, tau)
+        mask = select_exact(logits, resident, tau)
         p = logits.softmax(-1)[:, 0]
         kept = (p * mask).sum(-1)
         assert bool((kept >= tau - 1e-6).all())
         # minimal: dropping the smallest selected token falls below τ
         smallest = torch.where(mask, p, torch.inf).amin(-1)
         assert bool((kept - smallest < tau).all())
-    assert bool(select(logits, resident, 1.0).all())
-    # resident tokens holding τ already: nothing to select
-    assert not bool(select(logits, torch.full((2, 1), 50.0), 0.9).any())
+    assert bool(select_exact(logits, resident, 1.0).all())
+    assert not bool(select_exact(logits, torch.full((2, 1), 50.0), 0.9).any())
+
+
+@pytest.mark.parametrize("scale, resident_logit", [(3.0, None), (0.3, None), (8.0, None), (3.0, 4.0)])
+def test_binned_selection_is_the_exact_set_plus_at_most_one_bin(scale, resident_logit):
+    """select (no sort) ⊇ select_exact, holds τ, and adds only tokens within e^BUCKET_NATS of the exact
+    set's smallest probability: peaked, flat and very peaked rows, with and without resident mass."""
+    from combllama.core.methods.hcattention.read import BUCKET_NATS
+
+    torch.manual_seed(3)
+    H, R, n = 3, 4, 5000
+    logits = torch.randn(H, R, n) * scale
+    logits[0, :, 100:200] = -torch.inf  # invalid tokens are never selected
+    resident = torch.full((H, R), -torch.inf if resident_logit is None else resident_logit)
+    for tau in (0.5, 0.9, 0.99):
+        fast, exact = select(logits, resident, tau), select_exact(logits, resident, tau)
+        assert bool((fast | ~exact).all())  # superset
+        assert not bool(fast[0, 100:200].any())
+        lse = torch.logaddexp(logits.logsumexp(-1), resident)
+        p = (logits - lse[..., None]).exp()  # [H, R, n]
+        share = (resident - lse).exp()
+        assert bool(((p * fast[:, None]).sum(-1) + share >= tau - 1e-5).all())
+        # every extra token is within one bin of some row's exact cut (the smallest p that row needs)
+        ratio = torch.zeros(H, n)
+        for r in range(R):
+            row_exact = select_exact(logits[:, r:r + 1], resident[:, r:r + 1], tau)  # [H, n]
+            cut = torch.where(row_exact, p[:, r], torch.inf).amin(-1, keepdim=True)  # [H, 1]
+            ratio = torch.maximum(ratio, torch.where(torch.isinf(cut), 0.0, p[:, r] / cut))
+        extra = fast & ~exact
+        assert bool((ratio[extra] >= math.exp(-BUCKET_NATS) * (1 - 1e-4)).all())
+    assert bool(select(logits, resident, 1.0)[1:].all())
+    assert not bool(select(logits, torch.full((H, R), 50.0), 0.9).any())
+
+
+def test_padded_indices_lists_each_rows_selection_in_order():
+    from combllama.core.methods.hcattention.read import _padded_indices
+
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    mask[0, [1, 4, 9]] = True
+    mask[2, [0]] = True
+    idx, valid = _padded_indices(mask)
+    assert idx.tolist() == [[1, 4, 9], [0, 0, 0], [0, 0, 0]]
+    assert valid.tolist() == [[True, True, True], [False, False, False], [True, False, False]]
 
 
 def test_gqa_selection_is_the_union_over_the_group():

@@ -19,7 +19,8 @@ from typing import Any
 from .quant import approx_logits, dequantize_rows
 
 ATTENTION = "combllama_hc"
-SELECT_ELEMENTS = 1 << 25  # approximate probabilities sorted at once during selection
+SELECT_ELEMENTS = 1 << 25  # approximate probabilities binned at once during selection
+BUCKETS, BUCKET_NATS = 1024, 1 / 32  # selection bins: 1/32 nat wide (×1.03 in probability), 32 nats deep
 GATHER_MAX_BYTES = 256 << 20  # "auto" transfer: gather to the device below this, reduce on the host above
 PIECES = 4  # host gathers overlapped with host→device copies
 
@@ -121,11 +122,15 @@ class Store:
 
 
 def select(logits, resident_lse, tau: float):
-    """Union over rows of the smallest sets holding a τ share of each row's attention.
+    """Union over rows of the smallest sets holding a τ share of each row's attention, to within a bucket.
 
     logits [H, R, n] scaled approximate logits of the selectable tokens (-inf where invalid), resident_lse
-    [H, R] log-sum-exp of each row's always-kept tokens (-inf if none) → mask [H, n] bool. A row whose
-    resident tokens already hold τ selects nothing; τ >= 1 selects every valid token."""
+    [H, R] log-sum-exp of each row's always-kept tokens (-inf if none) → mask [H, n] bool. Tokens are binned
+    by log-probability (BUCKET_NATS wide, highest first) and binned mass is summed in one pass, no sort:
+    every bin down to the one where the cumulative mass reaches the need is taken whole. That is a superset
+    of the exact minimal set (select_exact) whose extra tokens lie within e^BUCKET_NATS of its smallest
+    probability. A row whose resident tokens already hold τ selects nothing; τ >= 1 selects every valid
+    token."""
     import torch
 
     H, R, n = logits.shape
@@ -134,28 +139,52 @@ def select(logits, resident_lse, tau: float):
     mask = torch.zeros(H, n, dtype=torch.bool, device=logits.device)
     rows = max(1, SELECT_ELEMENTS // max(1, H * n))
     for a in range(0, R, rows):
-        z = logits[:, a:a + rows]  # [H, r, n]
-        lse = torch.logaddexp(torch.logsumexp(z, -1), resident_lse[:, a:a + rows])  # [H, r]
+        z, res = logits[:, a:a + rows], resident_lse[:, a:a + rows]  # [H, r, n], [H, r]
+        lse = torch.logaddexp(torch.logsumexp(z, -1), res)
+        logp = z - lse[..., None]  # ≤ 0, -inf where invalid
+        need = tau - (res - lse).exp()  # mass still to cover  [H, r]
+        # bin 0 holds the highest probabilities; everything below -(BUCKETS - 1) × BUCKET_NATS shares the last
+        b = (-logp / BUCKET_NATS).clamp_(0, BUCKETS - 1).long()
+        mass = torch.zeros(*need.shape, BUCKETS, device=z.device).scatter_add_(-1, b, logp.exp())
+        before = mass.cumsum(-1) - mass  # mass of the higher bins
+        bins = (before < need[..., None]).sum(-1)  # bins needed: each one's higher bins hold less than the need
+        mask |= ((b < bins[..., None]) & torch.isfinite(logp)).any(1)
+    return mask
+
+
+def select_exact(logits, resident_lse, tau: float):
+    """The reference for `select`: the exact smallest set per row, by a full sort of every row (slow at a
+    million tokens; tests and bench/hc_select.py compare against it)."""
+    import torch
+
+    H, R, n = logits.shape
+    if tau >= 1.0:
+        return torch.isfinite(logits).any(1)
+    mask = torch.zeros(H, n, dtype=torch.bool, device=logits.device)
+    for a in range(R):
+        z, res = logits[:, a:a + 1], resident_lse[:, a:a + 1]
+        lse = torch.logaddexp(torch.logsumexp(z, -1), res)
         p, order = torch.sort((z - lse[..., None]).exp(), dim=-1, descending=True)
-        need = tau - (resident_lse[:, a:a + rows] - lse).exp()  # mass still to cover  [H, r]
-        before = p.cumsum(-1) - p  # mass of the higher-ranked tokens
-        take = (before < need[..., None]) & (p > 0)  # k* = first rank where the cumulative mass reaches need
-        hit = torch.zeros(H, z.shape[1], n, dtype=torch.bool, device=logits.device).scatter_(-1, order, take)
-        mask |= hit.any(1)
+        need = tau - (res - lse).exp()
+        take = ((p.cumsum(-1) - p) < need[..., None]) & (p > 0)
+        mask |= torch.zeros_like(take).scatter_(-1, order, take).any(1)
     return mask
 
 
 def _padded_indices(mask):
-    """mask [H, n] → (idx [H, k] int64 padded with 0, valid [H, k] bool), k = the largest selection."""
+    """mask [H, n] → (idx [H, k] int64 padded with 0, valid [H, k] bool), k = the largest selection; each
+    row's selected positions first, in their original order (compacted from nonzero(), no sort)."""
     import torch
 
     H, n = mask.shape
     counts = mask.sum(-1)  # [H]
     k = int(counts.max()) if H else 0
-    # stable sort puts selected positions first, in their original order
-    idx = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[:, :k]
+    row, col = mask.nonzero(as_tuple=True)  # row-major: each row's positions ascending
+    slot = torch.arange(row.numel(), device=mask.device) - (counts.cumsum(0) - counts)[row]
+    idx = torch.zeros(H, k, dtype=torch.long, device=mask.device)
+    idx[row, slot] = col
     valid = torch.arange(k, device=mask.device)[None] < counts[:, None]
-    return torch.where(valid, idx, torch.zeros_like(idx)), valid
+    return idx, valid
 
 
 def _gather_to_device(store: Store, rows: HostRows, flat_idx, device, dtype, key: str):
