@@ -14,6 +14,7 @@ import math
 import os
 import re
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,23 @@ from .records import MemoryRef, SearchHit, Session, Turn
 PLACEHOLDER_NAME = "untitled"
 MAX_SEARCH_TERMS = 32
 _UNSET: Any = object()
+
+
+def _wal(db: sqlite3.Connection, timeout: float) -> None:
+    """Put the database in WAL mode. Switching the journal mode while another connection switches it (several
+    processes opening a fresh database together) fails with "database is locked" at once — SQLite does not
+    call the busy handler for it — so wait here, up to the store's timeout."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
 
 class SessionStore:
@@ -51,7 +69,7 @@ class SessionStore:
                 db.execute("PRAGMA foreign_keys = ON")
                 # Refuse a newer or foreign database before anything (even the journal mode) changes in it.
                 migrations.check_compatible(db, str(self.path))
-                db.execute("PRAGMA journal_mode = WAL")
+                _wal(db, timeout)
                 # FULL: a turn reported saved survives power loss (WAL's NORMAL may drop the last commits).
                 db.execute("PRAGMA synchronous = FULL")
                 migrations.migrate(db, str(self.path))
