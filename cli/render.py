@@ -9,11 +9,15 @@ import re
 import sys
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Bidirectional overrides and isolates (Trojan Source, CVE-2021-42574) and the invisible direction marks:
+# shown as <U+XXXX> so that what is displayed is the order the text really has.
+_BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def safe(text: str) -> str:
-    """Neutralise C0/C1 controls (ESC, OSC, CSI...) except tab and newline."""
-    return _CONTROL.sub(lambda m: "\ufffd" if m.group() != "\x1b" else "^[", text)
+    """Neutralise C0/C1 controls (ESC, OSC, CSI...) except tab and newline, and make bidi controls visible."""
+    text = _CONTROL.sub(lambda m: "\ufffd" if m.group() != "\x1b" else "^[", text)
+    return _BIDI.sub(lambda m: f"<U+{ord(m.group()):04X}>", text)
 
 
 def console():

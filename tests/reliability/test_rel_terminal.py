@@ -64,6 +64,15 @@ def test_safe_neutralises_every_control():
     assert violations(("ok " + HOSTILE).encode()) != []  # the checker sees what safe() removes
 
 
+def test_safe_shows_bidirectional_controls():
+    """Trojan Source: an override that would display `admin` reversed is shown as its code point."""
+    trojan = "access = \u202e\u2066// check if admin\u2069 \u2066\u200f"
+    out = safe(trojan)
+    assert not re.search("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]", out)
+    assert out == "access = <U+202E><U+2066>// check if admin<U+2069> <U+2066><U+200F>"
+    assert safe("שלום עולם and العربية") == "שלום עולם and العربية"  # right-to-left text itself is untouched
+
+
 @pytest.mark.timeout(600)
 def test_ask_in_a_pty_writes_no_foreign_escapes(tmp_path, tiny_dir, isolated_home):
     name = f"evil{CLEAR}{TITLE}.md"
