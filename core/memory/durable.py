@@ -1,6 +1,8 @@
 """Crash-safe file writes: temp file → fsync → rename → fsync directory (PostgreSQL's durable_rename).
 
-Every byte combllama persists goes through `write_atomic`; nothing else calls os.replace.
+Every file combllama persists goes through `write_atomic`. Directory renames (a bundle put in place,
+moved aside for removal or replaced by --force; the embedded model's cache) call os.replace elsewhere,
+each followed by `fsync_dir` of the parent.
 A rename alone is atomic but not durable: without the fsyncs a power cut can leave an empty file.
 OS errors leave as ResourceError (disk full, I/O error: exit 4), never as a raw OSError.
 """

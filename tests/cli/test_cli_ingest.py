@@ -114,3 +114,17 @@ def test_chunk_tokens_from_env_config_and_flag(tiny_dir, isolated_home, monkeypa
     assert run("ingest", str(SAMPLE), "--name", "c", "--chunk-tokens", "32").exit_code == 0
     assert chunking("c") == 32
     assert manifest(isolated_home, "c")["model"]["name"] == tiny_dir.name
+
+
+def test_a_second_writer_of_the_same_memory_exits_75_and_writes_nothing(tiny_dir, isolated_home):
+    """Two ingests into one memory: the second finds the first's lock (held here), waits its lock timeout,
+    then exits 75 with one line, leaving the bundle as it was."""
+    from filelock import FileLock
+
+    root = isolated_home / "memories" / "m"
+    root.mkdir(parents=True)
+    with FileLock(str(root / "LOCK")):
+        r = run("ingest", str(SAMPLE), "--model", str(tiny_dir), "--name", "m", "-q")
+    assert r.exit_code == 75 and "another combllama process is writing" in r.stderr, r.output
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in root.iterdir()) == ["LOCK"]

@@ -182,3 +182,23 @@ def test_disk_estimate_covers_what_is_written(tiny, sample_doc, store):
     estimate = disk_needed(plan, method, tiny)
     assert written <= estimate <= 1.5 * written + 64 * 1024, (written, estimate)
     assert json.loads((store.root / "m" / "MANIFEST.json").read_text())["ingest"]["state"] == "complete"
+
+
+def test_bundle_renames_are_each_followed_by_a_directory_fsync(tmp_path, monkeypatch):
+    """Durability order for the directory renames of a memory: replace_bundle (--force) and remove_bundle
+    rename, then fsync the parent directory before anything else happens."""
+    import combllama.core.memory.bundle as bundle
+
+    calls = []
+    real_replace, real_fsync_dir = os.replace, bundle.fsync_dir
+    monkeypatch.setattr(os, "replace", lambda a, b: calls.append(("replace", Path(b).name)) or real_replace(a, b))
+    monkeypatch.setattr(bundle, "fsync_dir", lambda d: calls.append(("fsync_dir", Path(d).name)) or real_fsync_dir(d))
+    for name in ("m", ".m.replacing"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "MANIFEST.json").write_text(name)
+    bundle.replace_bundle(tmp_path / ".m.replacing", tmp_path / "m")
+    assert [c[0] for c in calls] == ["replace", "replace", "fsync_dir"] and calls[1][1] == "m"
+    assert (tmp_path / "m" / "MANIFEST.json").read_text() == ".m.replacing"
+    calls.clear()
+    bundle.remove_bundle(tmp_path / "m")
+    assert [c[0] for c in calls] == ["replace", "fsync_dir"] and not (tmp_path / "m").exists()
