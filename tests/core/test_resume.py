@@ -101,3 +101,40 @@ def test_resume_refuses_a_changed_source(tmp_path, tiny_dir, isolated_home):
                                       "--chunk-tokens", "128", "-q"])
     assert result.exit_code == 3, result.output
     assert "interrupted ingest" in result.output
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_during_ingest_saves_what_is_committed_and_resume_finishes(tmp_path, tiny_dir, isolated_home):
+    """Reliability case 12: SIGINT (Ctrl-C) mid-ingest exits 130 promptly with one line saying how many
+    chunks are saved and how to resume; the chunk in flight is not committed; --resume completes."""
+    doc = tmp_path / "ledger.txt"
+    doc.write_text(TEXT)
+    args = ["ingest", str(doc), "--model", str(tiny_dir), "--device", "cpu", "--chunk-tokens", "128", "-q",
+            "--name", "cut"]
+    # The default SIGINT disposition a terminal user has (a background test run inherits it ignored).
+    proc = subprocess.Popen(_cmd(*args), env=dict(os.environ), stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    manifest = isolated_home / "memories" / "cut" / "MANIFEST.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if json.loads(manifest.read_text())["ingest"]["next_seq"] >= 2:
+                break
+        except (FileNotFoundError, ValueError):
+            pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    t = time.time()
+    _, err = proc.communicate(timeout=60)
+    stopped_in = time.time() - t
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "interrupted:" in lines[0] and "--resume" in lines[0], err
+    assert stopped_in < 15  # one chunk of a tiny model, even on a loaded machine
+    reader = MemoryStore(isolated_home / "memories").open("cut")
+    assert not reader.complete and reader.verify() == []
+    saved = reader.manifest["ingest"]["next_seq"]
+    assert f"{saved}/" in lines[0]  # the message counts what the manifest holds
+    done = subprocess.run(_cmd(*args, "--resume"), env=dict(os.environ), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert MemoryStore(isolated_home / "memories").open("cut").complete
