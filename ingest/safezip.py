@@ -35,6 +35,18 @@ def escape_name(name: str) -> str:
     return name.encode("unicode_escape", "backslashreplace").decode("ascii") if not name.isprintable() else name
 
 
+def _overlap(infos) -> str | None:
+    """Two entries whose local records overlap (CVE-2024-0450: many central entries over one compressed
+    kernel inflate it many times over; Python's zipfile checks this only from 3.11.8/3.12.2). An entry's
+    record spans at least its 30-byte header, its name and its compressed data."""
+    spans = sorted((i.header_offset, i.header_offset + 30 + len(i.orig_filename.encode("utf-8", "surrogateescape"))
+                    + i.compress_size, i.filename) for i in infos)
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            return f"entries {escape_name(a)} and {escape_name(b)} overlap"
+    return None
+
+
 @dataclass
 class SafeZip:
     """Members by name after the checks; `read` enforces the size caps on the real inflated bytes."""
@@ -58,6 +70,9 @@ class SafeZip:
         if len(infos) > options.zip_max_entries:
             raise SourceError(f"{name}: zip-unsafe: {len(infos):,} entries is over the limit of "
                               f"{options.zip_max_entries:,} (zip_max_entries)")
+        overlap = _overlap(infos)
+        if overlap:
+            raise SourceError(f"{name}: zip-unsafe: {overlap} (an overlapping-entries zip bomb?)")
         self = cls(path, options, zf)
         declared = 0
         for info in infos:

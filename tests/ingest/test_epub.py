@@ -123,6 +123,21 @@ def test_declared_size_lie_is_caught(tmp_path):
         load(p)
 
 
+def test_overlapping_entries_are_refused(tmp_path):
+    """CVE-2024-0450: point chapter c2's central-directory record at chapter c1's local record."""
+    p = make_epub(tmp_path / "overlap.epub", CHAPTERS)
+    raw = bytearray(p.read_bytes())
+    cds = {}
+    for name in (b"OEBPS/text/c1.xhtml", b"OEBPS/text/c2.xhtml"):
+        cds[name] = raw.rindex(b"PK\x01\x02", 0, raw.rindex(name))
+    c1 = cds[b"OEBPS/text/c1.xhtml"]
+    raw[cds[b"OEBPS/text/c2.xhtml"] + 42:cds[b"OEBPS/text/c2.xhtml"] + 46] = raw[c1 + 42:c1 + 46]
+    p.write_bytes(bytes(raw))
+    with pytest.raises(SourceError, match=r"overlap\.epub: zip-unsafe: entries .* overlap"):
+        load(p)
+    assert load(make_epub(tmp_path / "fine.epub", CHAPTERS)).sections  # an ordinary EPUB has no overlap
+
+
 def test_escaping_member_names_are_skipped(tmp_path):
     chapters = CHAPTERS + [("evil", "Evil", "<p>escaped</p>")]
     p = make_epub(tmp_path / "paths.epub", chapters, extra={"../../evil.xhtml": "<p>x</p>", "/etc/x": "y",
