@@ -175,18 +175,30 @@ def strip_doctype_subset(markup: str) -> str:
     return markup[: m.start()] + markup[end + 1:] if end >= 0 else markup[: m.start()]
 
 
+_ODD_DECLARATION = re.compile(r"<!(?!--|\[CDATA\[|doctype)", re.I)
+
+
+def _parsed(markup: str, drop: frozenset) -> _Extractor:
+    """The extractor after reading `markup`. Python 3.11's html.parser raises AssertionError on some
+    malformed declarations (`<![NTITY ...`, found by atheris): then every `<!` that opens neither a comment,
+    CDATA nor a DOCTYPE is read as text, and if even that fails, every `<!`."""
+    for text in (markup, _ODD_DECLARATION.sub("&lt;!", markup), markup.replace("<!", "&lt;!")):
+        p = _Extractor(drop)
+        try:
+            p.feed(text)
+            p.close()
+            return p
+        except AssertionError:
+            continue
+    raise AssertionError("unreachable: markup without declarations parses")
+
+
 def extract_html(markup: str, mode: str = "main") -> Extracted:
     """Visible text of `markup`; mode "main" also drops nav/header/footer/aside/forms."""
     drop = _DROP_ALWAYS | (_DROP_MAIN if mode == "main" else frozenset())
-    p = _Extractor(drop)
-    p.feed(strip_doctype_subset(markup))
-    p.close()
-    return p.result()
+    return _parsed(strip_doctype_subset(markup), drop).result()
 
 
 def nav_links(markup: str) -> list[tuple[str, str]]:
     """(href, text) of every link, in document order; for EPUB nav documents."""
-    p = _Extractor(frozenset({"script", "style", "head"}))
-    p.feed(strip_doctype_subset(markup))
-    p.close()
-    return p.links
+    return _parsed(strip_doctype_subset(markup), frozenset({"script", "style", "head"})).links

@@ -100,3 +100,15 @@ def test_skip_summary_and_options_validation():
                 {"max_files": -1}):
         with pytest.raises(ValueError):
             IngestOptions(**bad)
+
+
+def test_malformed_declarations_are_read_as_text():
+    """Found by atheris (fuzz/regressions/html): Python 3.11's html.parser raises AssertionError on an unknown
+    marked-section keyword; the extractor reads such a `<!` as text and keeps the rest of the page."""
+    from combllama.ingest.htmltext import extract_html, nav_links
+
+    markup = ("<html><head><title>T</title></head><body><p>before</p><![NTITY x]><p>after</p>"
+              "<a href='c1.xhtml'>One</a><!-- a comment --></body></html>")
+    out = extract_html(markup, "full")
+    assert "before" in out.text and "after" in out.text and "a comment" not in out.text
+    assert nav_links(markup) == [("c1.xhtml", "One")]
