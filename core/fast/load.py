@@ -66,7 +66,14 @@ def load_memory(reader, model, *, capacity: int = 1024, workers: int | None = No
         known = list(pool.map(reader.check_chunk, records))  # raises the first CorruptMemoryError; no device memory
     t1 = time.perf_counter()
 
-    L, H, _, D = records[0]["tensors"]["k"][1]
+    c = model.config
+    L, H = c.num_hidden_layers, c.num_key_value_heads
+    D = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    for r in records:  # every block must fit the buffers: a mismatch is a corrupt memory, not a torch error
+        k, v = r["tensors"].get("k"), r["tensors"].get("v")
+        if not (k and v and list(k[1]) == list(v[1]) and len(k[1]) == 4 and (k[1][0], k[1][1], k[1][3]) == (L, H, D)):
+            raise CorruptMemoryError(f"{reader.name} chunk {r['seq']}: K/V shapes {k and k[1]} / {v and v[1]} do not "
+                                     f"fit the model ({L} layers, {H} KV heads, head dim {D})")
     total = sum(r["tensors"]["k"][1][2] for r in records)
     static = StaticKV.allocate(L, H, D, total, capacity, device=dev, dtype=dt)
     size = max(r["bytes"] for r in records)
@@ -80,9 +87,9 @@ def load_memory(reader, model, *, capacity: int = 1024, workers: int | None = No
         j = i % k
         if done[j] is not None:
             done[j].synchronize()  # the buffer's previous chunk is on the device
-        return io.submit(reader.chunk, records[i], lambda nbytes: bufs[j][:nbytes], False, known[i])
+        return readers.submit(reader.chunk, records[i], lambda nbytes: bufs[j][:nbytes], False, known[i])
 
-    with ThreadPoolExecutor(max_workers=k) as io, torch.no_grad():
+    with ThreadPoolExecutor(max_workers=k) as readers, torch.no_grad():
         pending = {i: read(i) for i in range(k)}
         for i in range(len(records)):
             b = pending.pop(i).result()

@@ -101,8 +101,9 @@ def test_chunks_read_into_a_supplied_buffer_equal_the_default_read(tiny, long_do
             assert supplied[name].untyped_storage().data_ptr() == buffers[-1].untyped_storage().data_ptr()
 
 
-def _rewrite_chunk(reader, seq: int, mutate) -> None:
-    """Replace chunk `seq` by a correctly hashed file whose tensors `mutate` changed (the manifest follows)."""
+def _rewrite_chunk(reader, seq: int, mutate, spec: bool = False) -> None:
+    """Replace chunk `seq` by a correctly hashed file whose tensors `mutate` changed (the manifest's file,
+    checksum and size follow; its tensor shapes too when `spec`)."""
     import hashlib
     import json
 
@@ -118,7 +119,10 @@ def _rewrite_chunk(reader, seq: int, mutate) -> None:
     new_file = f"chunks/{seq:06d}-{sha[:12]}.safetensors"
     (reader.root / new_file).write_bytes(data)
     m = json.loads((reader.root / "MANIFEST.json").read_text())
+    codes = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
     m["chunks"][seq].update(file=new_file, sha256=sha, bytes=len(data))
+    if spec:
+        m["chunks"][seq]["tensors"] = {k: [codes[v.dtype], list(v.shape)] for k, v in tensors.items()}
     (reader.root / "MANIFEST.json").write_bytes(seal_manifest(m))
 
 
@@ -195,3 +199,12 @@ def test_the_transfer_pass_skips_the_hash_only_for_files_unchanged_since_checked
     path.write_bytes(path.read_bytes())  # same bytes, new mtime/ctime: hashed again (and still valid)
     reader.chunk(rec, known=identity)
     assert len(hashed) == n + 2
+
+
+def test_blocks_that_do_not_fit_the_model_are_a_corrupt_memory(tiny, long_doc, store):
+    """Reliability case 8 for the fast loader: a re-sealed chunk with one head too few (valid checksums)."""
+    ingest(tiny, long_doc, get_method("full"), store, name="m", config=EncodeConfig(chunk_tokens=96))
+    _rewrite_chunk(store.open("m"), 1, lambda t: t.update(k=t["k"][:, :1].contiguous(), v=t["v"][:, :1].contiguous()),
+                   spec=True)
+    with pytest.raises(CorruptMemoryError, match="chunk 1: K/V shapes .* do not fit the model"):
+        load_memory(store.open("m"), tiny.model)
