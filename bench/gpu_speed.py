@@ -341,8 +341,10 @@ def combllama_method(torch, loaded, dev: Device, doc, q_ids, method_name: str, b
         ttft("warm_pageable", pinned=False)
         dev.free()
     memory = ttft("warm_2")  # the first warm run also pays one-off costs (allocator, kernel selection)
-    # The headline is the first load in the process (what a fresh `combllama ask` pays, page cache warm);
-    # a reload in the same process (a chat reattaching) reuses the allocator's host and device memory.
+    # The headline is this memory's first load in the process, page cache warm; a reload (a chat reattaching)
+    # reuses the allocator's memory. Caution: loads of earlier rows may already have left page-locked host
+    # buffers in torch's caching allocator, which a fresh `combllama ask` would still have to allocate
+    # (about 1.3 s for the 8 × 268 MB ring, measured on the H100).
     r["load_s"] = r["load_warm_1"]["load_s"]
     r["ttft_memory_s"] = r["load_warm_1"]["ttft_s"]
     r["ttft_reload_s"] = r["load_warm_2"]["ttft_s"]
