@@ -202,3 +202,19 @@ def test_bundle_renames_are_each_followed_by_a_directory_fsync(tmp_path, monkeyp
     calls.clear()
     bundle.remove_bundle(tmp_path / "m")
     assert [c[0] for c in calls] == ["replace", "fsync_dir"] and not (tmp_path / "m").exists()
+
+
+def test_rolling_a_cut_swap_forward_fsyncs_the_directory(tmp_path, monkeypatch):
+    """The third directory rename: MemoryStore finishing a --force swap cut between its two renames."""
+    import combllama.core.memory.store as store_mod
+    from combllama.core.memory.bundle import MemoryReader
+
+    calls = []
+    real_replace, real_fsync_dir = os.replace, store_mod.fsync_dir
+    monkeypatch.setattr(os, "replace", lambda a, b: calls.append("replace") or real_replace(a, b))
+    monkeypatch.setattr(store_mod, "fsync_dir", lambda d: calls.append("fsync_dir") or real_fsync_dir(d))
+    (tmp_path / ".m.replacing").mkdir()
+    monkeypatch.setattr(MemoryReader, "__init__", lambda self, root, manifest=None: setattr(self, "root", root))
+    monkeypatch.setattr(MemoryReader, "complete", property(lambda self: True))
+    assert store_mod.MemoryStore(tmp_path).finish_replacements() == []  # the constructor already did it
+    assert calls == ["replace", "fsync_dir"] and (tmp_path / "m").is_dir()
