@@ -40,7 +40,7 @@ def resolve_memory(loaded, target: str, method_name: str | None, budget: str | N
     if found is not None:
         return found, None
     result = run_ingest(loaded, target, name=store.unique_name(Path(target.rstrip("/")).stem or "memory"),
-                        method=method, quiet=quiet, document=document)
+                        method=method, quiet=quiet, document=document, plan=plan)
     return store.open(result.name), result
 
 

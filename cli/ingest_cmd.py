@@ -99,9 +99,9 @@ def choose_method(name: str | None, budget: str | None):
 
 
 def run_ingest(loaded, path, *, name=None, method=None, config=None, resume=False, force=False, quiet=False,
-               document=None):
-    """Ingest `path` (or the already read `document` of it) with progress on stderr; returns
-    core.encode.IngestResult."""
+               document=None, plan=None):
+    """Ingest `path` (or the already read `document` of it, with its `plan` if made) with progress on
+    stderr; returns core.encode.IngestResult."""
     from .. import ingest as sources
     from ..core.encode import EncodeConfig, ingest
     from ..core.memory.store import MemoryStore
@@ -114,7 +114,7 @@ def run_ingest(loaded, path, *, name=None, method=None, config=None, resume=Fals
     with graceful_interrupt() as should_stop, IngestProgress(f"ingest {document.name}", not quiet) as bar:
         return ingest(loaded, document, method, MemoryStore(paths.memories), name=name,
                       config=config or EncodeConfig(), resume=resume, force=force, on_progress=bar.update,
-                      should_stop=should_stop)
+                      should_stop=should_stop, plan=plan)
 
 
 def summary(result, files: int | None = None, wall: float | None = None) -> str:

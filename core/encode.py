@@ -140,9 +140,10 @@ def check_disk(root: Path, need: int, name: str) -> None:
 def ingest(loaded: LoadedModel, document, method: Method, store: MemoryStore, *, name: str | None = None,
            config: EncodeConfig = EncodeConfig(), resume: bool = False, force: bool = False,
            on_progress: Callable[[Progress], None] | None = None,
-           should_stop: Callable[[], bool] | None = None) -> IngestResult:
-    """Encode `document` into the memory `name` (default: from the document name) and seal it."""
-    plan = plan_memory(loaded, document, method, config)
+           should_stop: Callable[[], bool] | None = None, plan: MemoryPlan | None = None) -> IngestResult:
+    """Encode `document` into the memory `name` (default: from the document name) and seal it. `plan`: the
+    plan_memory(...) of this document, method and config when the caller already made it."""
+    plan = plan or plan_memory(loaded, document, method, config)
     name = check_name(name) if name else name_from(Path(document.name.rstrip("/")).stem or document.name)
     root = store.path(name)
     t0 = time.perf_counter()
