@@ -24,6 +24,18 @@ def _cmd(*args):
     return [sys.executable, "-c", "from combllama.cli.main import main; main()", *args]
 
 
+def _wait_for_commits(manifest, n: int, timeout: float = 120) -> None:
+    """Until the ingest writing `manifest` has committed `n` chunks (or `timeout` passes)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if json.loads(manifest.read_text())["ingest"]["next_seq"] >= n:
+                return
+        except (FileNotFoundError, ValueError):
+            pass
+        time.sleep(0.02)
+
+
 def _chunks(home, name):
     reader = MemoryStore(home / "memories").open(name)
     return reader, [(rec, tensors) for rec, tensors in reader.chunks()]
@@ -36,15 +48,7 @@ def test_kill9_then_resume_equals_uninterrupted(tmp_path, tiny_dir, isolated_hom
     args = ["ingest", str(doc), "--model", str(tiny_dir), "--device", "cpu", "--chunk-tokens", "128", "-q"]
     env = dict(os.environ)
     proc = subprocess.Popen(_cmd(*args, "--name", "killed"), env=env)
-    manifest = isolated_home / "memories" / "killed" / "MANIFEST.json"
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait for a few committed chunks, then kill -9 mid-flight
-        try:
-            if json.loads(manifest.read_text())["ingest"]["next_seq"] >= 4:
-                break
-        except (FileNotFoundError, ValueError):
-            pass
-        time.sleep(0.02)
+    _wait_for_commits(isolated_home / "memories" / "killed" / "MANIFEST.json", 4)  # then kill -9 mid-flight
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
@@ -114,15 +118,7 @@ def test_ctrl_c_during_ingest_saves_what_is_committed_and_resume_finishes(tmp_pa
     # The default SIGINT disposition a terminal user has (a background test run inherits it ignored).
     proc = subprocess.Popen(_cmd(*args), env=dict(os.environ), stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    manifest = isolated_home / "memories" / "cut" / "MANIFEST.json"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if json.loads(manifest.read_text())["ingest"]["next_seq"] >= 2:
-                break
-        except (FileNotFoundError, ValueError):
-            pass
-        time.sleep(0.02)
+    _wait_for_commits(isolated_home / "memories" / "cut" / "MANIFEST.json", 2)
     proc.send_signal(signal.SIGINT)
     t = time.time()
     _, err = proc.communicate(timeout=60)
