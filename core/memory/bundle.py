@@ -69,12 +69,15 @@ def _check_streamed(path: Path, expect_bytes: int, expect_sha: str, expect_tenso
     if buf is None or len(buf) != block:
         buf = _scratch.buf = bytearray(block)
     view, h, head, got = memoryview(buf), hashlib.sha256(), bytearray(), 0
+    keep = 8 + MAX_HEADER_BYTES  # bytes of the file's start to keep: its length prefix, then its header
     with open(path, "rb", buffering=0) as f:
         before = _identity(f.fileno())
         while n := f.readinto(view):
             h.update(view[:n])
-            if len(head) < 8 + MAX_HEADER_BYTES:
-                head += view[:min(n, 8 + MAX_HEADER_BYTES - len(head))]
+            if got == 0 and n >= 8:
+                keep = 8 + min(int.from_bytes(view[:8], "little"), MAX_HEADER_BYTES)
+            if len(head) < keep:
+                head += view[:min(n, keep - len(head))]
             got += n
         if got != expect_bytes or _identity(f.fileno()) != before:
             raise CorruptMemoryError(f"{where}: {path.name} changed while it was read")
