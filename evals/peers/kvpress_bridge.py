@@ -20,8 +20,9 @@ def python_path() -> Path:
 
 
 def run(prepared: list, presses: list[str], fractions: list[float], model_dir: Path, eos_ids: list[int],
-        log=None) -> tuple[dict, list[dict]]:
-    """(versions, rows) for every case that fits the window, press and fraction (ratio = 1 − fraction)."""
+        log=None, device: str = "cpu", dtype: str = "float32") -> tuple[dict, list[dict]]:
+    """(versions, rows) for every case that fits the window, press and fraction (ratio = 1 − fraction),
+    with the model on the harness's own device and dtype."""
     py = python_path()
     if not py.is_file():
         raise BadInputError(f"{py} not found: run `bash evals/peers/setup_kvpress.sh` (or set COMBLLAMA_KVPRESS_PYTHON)")
@@ -34,7 +35,7 @@ def run(prepared: list, presses: list[str], fractions: list[float], model_dir: P
         inp, outp = Path(tmp) / "in.json", Path(tmp) / "out.json"
         inp.write_text(json.dumps({"model_dir": str(model_dir), "eos_ids": eos_ids, "cases": cases,
                                    "presses": presses, "ratios": [round(1 - f, 6) for f in fractions],
-                                   "threads": os.cpu_count()}))
+                                   "threads": os.cpu_count(), "device": device, "dtype": dtype}))
         proc = subprocess.run([str(py), str(RUNNER), str(inp), str(outp)], stderr=subprocess.PIPE, text=True)
         if log:
             for line in proc.stderr.splitlines():

