@@ -24,6 +24,8 @@ def info(name, verify, as_json):
         stats["problems"] = reader.verify()
     if as_json:
         click.echo(json.dumps(stats, indent=2))
+        if verify and stats["problems"]:
+            raise SystemExit(6)  # the same status as without --json: scripts test it, not the text
         return
     rows = [("name", stats["name"]), ("source", f"{stats['source']} ({stats['kind']})"),
             ("state", stats["state"]), ("method", f"{stats['method']} {json.dumps(stats['params'])}"),
