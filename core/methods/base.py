@@ -12,7 +12,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Iterable
 
-from ..errors import BadInputError
+from ..errors import BadInputError, CorruptMemoryError
 
 
 def host_available() -> int | None:
@@ -127,6 +127,45 @@ class Method:
     def attach(self, model, manifest: dict, blocks: Iterable[tuple[dict, dict]]):
         raise NotImplementedError
 
+    # -- read-time checks: every attach runs check_memory first and reads its blocks through checked_blocks --
+    def check_memory(self, model, manifest: dict) -> None:
+        """CorruptMemoryError unless the memory's recorded geometry and every chunk's tensor specs fit `model`.
+
+        From the manifest alone (the chunk files were checked against it), so a memory whose manifest and
+        chunks agree with each other but not with the model is refused before anything is read or attached:
+        a torch shape error, or a cache with the wrong number of layers, is never what the user sees."""
+        L, H, D = kv_geometry(model)
+        name = manifest.get("name")
+        recorded = manifest.get("model") or {}
+        for key, have in (("n_layers", L), ("n_kv_heads", H), ("head_dim", D)):
+            if key in recorded and recorded[key] != have:
+                raise CorruptMemoryError(f"{name}: manifest says model.{key} = {recorded[key]!r}, the model has "
+                                         f"{have} (the memory does not fit the model its fingerprint names)")
+        for record in manifest.get("chunks", ()):  # absent for blocks made in process (tests), never read from disk
+            if record.get("file"):
+                problem = self.spec_problem(record["tensors"], record["end"] - record["start"], (L, H, D))
+                if problem:
+                    raise CorruptMemoryError(f"{name} chunk {record['seq']}: {problem} (the model has {L} layers, "
+                                             f"{H} KV heads, head dim {D})")
+
+    def spec_problem(self, specs: dict, tokens: int, geometry: tuple[int, int, int]) -> str | None:
+        """What is wrong with one chunk's tensor specs {name: [dtype, shape]} for a model of `geometry`
+        (None: nothing). The default is the KV layout: "k", "v" [layers, kv_heads, tokens, head_dim]."""
+        L, H, D = geometry
+        return kv_spec_problem(specs, {"k": [L, H, tokens, D], "v": [L, H, tokens, D]})
+
+    def check_block(self, record: dict, tensors: dict, manifest: dict) -> None:
+        """CorruptMemoryError when the values of one verified chunk are out of the range the method can
+        use (indices, counts, scales); finiteness is checked by the reader. The default has nothing to check."""
+
+    def checked_blocks(self, manifest: dict, blocks: Iterable[tuple[dict, dict]]):
+        """`blocks` with check_block run on each before the attach sees it (blocks without a manifest record
+        were made in process, not read from disk)."""
+        for record, tensors in blocks:
+            if tensors and "seq" in record:
+                self.check_block(record, tensors, manifest)
+            yield record, tensors
+
     def check_resources(self, manifest: dict, device, dtype) -> None:
         """Raise ResourceError (exit 4) before anything is read when the memory cannot be attached on
         `device` (torch.device): planned from the manifest alone (core/memory/plan.py). Methods that place
@@ -151,6 +190,27 @@ class Method:
         """Position layout recorded in the manifest: "original" (stored positions are used as they are) or
         "compact" (attach re-rotates keys to positions that fit the window)."""
         return "original"
+
+
+FLOATS = ("F32", "F16", "BF16")
+
+
+def kv_geometry(model) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of a Llama-family transformers model."""
+    c = model.config
+    return (int(c.num_hidden_layers), int(c.num_key_value_heads),
+            int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads))
+
+
+def kv_spec_problem(specs: dict, shapes: dict[str, list[int]], dtypes=FLOATS) -> str | None:
+    """Exactly the tensors of `shapes`, each a `dtypes` tensor of that shape (None: they are)."""
+    if set(specs) != set(shapes):
+        return f"tensors {sorted(specs)}, expected {sorted(shapes)}"
+    for name, shape in shapes.items():
+        dtype, have = specs[name]
+        if dtype not in dtypes or list(have) != shape:
+            return f"tensor {name!r} is {dtype} {list(have)}, expected {'/'.join(dtypes)} {shape}"
+    return None
 
 
 def prefill(model, ids: list[int], cache, start_pos: int, physical_start: int | None = None,

@@ -75,4 +75,5 @@ class Full(Method):
         return FullEncoder(model)
 
     def attach(self, model, manifest, blocks):
-        return attach_kv_chunks(model, manifest, blocks)
+        self.check_memory(model, manifest)
+        return attach_kv_chunks(model, manifest, self.checked_blocks(manifest, blocks))

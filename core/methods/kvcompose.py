@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import BadInputError
-from .base import Encoder, KVMemory, Method, Options, make_cache
+from ..errors import BadInputError, CorruptMemoryError
+from .base import Encoder, KVMemory, Method, Options, kv_spec_problem, make_cache
 
 ATTENTION = "combllama_ragged"
 SCORE_ELEMENTS = 1 << 23  # attention probabilities materialised at once while scoring
@@ -373,6 +373,8 @@ class KVCompose(Method):
     def attach(self, model, manifest, blocks):
         import torch
 
+        self.check_memory(model, manifest)
+        blocks = self.checked_blocks(manifest, blocks)
         c = model.config
         L, Hkv = c.num_hidden_layers, c.num_key_value_heads
         layers, spans, at = [_Heads(Hkv) for _ in range(L)], [], 0
@@ -398,3 +400,37 @@ class KVCompose(Method):
             cache.attention_kwargs = {"combllama_key_masks": masks}  # read by base.prefill
         use_ragged_attention(model)
         return KVMemory(cache, logical, [k.shape[2] for k, _, _ in kv], spans)
+
+    # -- read-time checks (Method.check_memory / check_block) --
+    def spec_problem(self, specs, tokens, geometry):
+        """k, v [entries, head_dim], pos int64 [entries], counts int32 [layers, kv_heads]; at most every
+        token of the chunk in every head."""
+        L, H, D = geometry
+        if set(specs) != {"k", "v", "pos", "counts"}:
+            return f"tensors {sorted(specs)}, expected ['counts', 'k', 'pos', 'v']"
+        e = specs["k"][1][0] if len(specs["k"][1]) == 2 else -1
+        if not 0 <= e <= L * H * tokens:
+            return f"tensor 'k' has shape {specs['k'][1]}, expected [entries ≤ {L * H * tokens}, {D}]"
+        return (kv_spec_problem({"k": specs["k"], "v": specs["v"]}, {"k": [e, D], "v": [e, D]})
+                or kv_spec_problem({"pos": specs["pos"]}, {"pos": [e]}, ("I64",))
+                or kv_spec_problem({"counts": specs["counts"]}, {"counts": [L, H]}, ("I32",)))
+
+    def check_block(self, record, tensors, manifest):
+        """counts are per-head run lengths that add up to the entries (else runs would be cut from the wrong
+        rows), and each run's positions rise inside the chunk's token span (they place re-rotated keys)."""
+        import torch
+
+        where = f"{manifest.get('name')} chunk {record['seq']}"
+        counts, pos = tensors["counts"].long(), tensors["pos"]
+        n = record["end"] - record["start"]
+        if int(counts.min()) < 0 or int(counts.max()) > n or int(counts.sum()) != pos.shape[0]:
+            raise CorruptMemoryError(f"{where}: kvcompose counts ({int(counts.min())}..{int(counts.max())}, sum "
+                                     f"{int(counts.sum())}) do not split {pos.shape[0]} entries of a {n}-token chunk")
+        if pos.numel() and (int(pos.min()) < record["start"] or int(pos.max()) >= record["end"]):
+            raise CorruptMemoryError(f"{where}: kvcompose positions {int(pos.min())}..{int(pos.max())} lie outside "
+                                     f"the chunk's tokens {record['start']}..{record['end'] - 1}")
+        rises = pos[1:] > pos[:-1]
+        starts = torch.cumsum(counts.reshape(-1), 0)[:-1]  # a new run may start lower
+        rises[starts[(starts > 0) & (starts < pos.shape[0])] - 1] = True
+        if not bool(rises.all()):
+            raise CorruptMemoryError(f"{where}: kvcompose positions are not increasing within a head")

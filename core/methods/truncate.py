@@ -31,7 +31,8 @@ class Truncate(Method):
         return FullEncoder(model)
 
     def attach(self, model, manifest, blocks):
-        return attach_kv_chunks(model, manifest, blocks)
+        self.check_memory(model, manifest)
+        return attach_kv_chunks(model, manifest, self.checked_blocks(manifest, blocks))
 
     def memory_tokens(self, total_tokens):
         return total_tokens

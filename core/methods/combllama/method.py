@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import BadInputError, CorruptMemoryError, IncompatibleMemoryError
-from ..base import Encoder, KVMemory, Method, Options, layer_kv, make_cache, prefill
+from ..base import FLOATS, Encoder, KVMemory, Method, Options, layer_kv, make_cache, prefill
 
 ADAPTERS = Path(__file__).resolve().parent / "adapters"  # shipped adapters, matched by base model
 _AGGS = ("max", "mean")
@@ -233,11 +233,32 @@ class CombLlama(Method):
         # Cross layers sit before every 4th decoder layer: per decoder layer, a quarter of the kept tokens.
         return max(1, int(total_tokens * self.keep_fraction(total_tokens) / 4))
 
+    def spec_problem(self, specs, tokens, geometry):
+        """"adapter" uint8 [32]; "pk", "pv" [layers, kv_heads, prefix, head_dim] where the prompt prefix ends;
+        "k.i", "v.i" [kv_heads, kept tokens, head_dim] per cross layer i (fewer than the decoder's layers)."""
+        L, H, D = geometry
+        if specs.get("adapter") != ["U8", [32]]:
+            return f"tensor 'adapter' is {specs.get('adapter')}, expected U8 [32]"
+        for name, (dtype, shape) in specs.items():
+            if name == "adapter":
+                continue
+            kind, _, index = name.partition(".")
+            if kind in ("pk", "pv") and not index:
+                ok = len(shape) == 4 and [shape[0], shape[1], shape[3]] == [L, H, D]
+            elif kind in ("k", "v") and index.isdigit() and int(index) < L:
+                ok = len(shape) == 3 and shape[1] <= tokens and [shape[0], shape[2]] == [H, D]
+            else:
+                return f"unknown tensor {name!r}"
+            if dtype not in FLOATS or not ok:
+                return f"tensor {name!r} is {dtype} {shape}, which does not fit the model"
+        return None
+
     def attach(self, model, manifest, blocks):
         import torch
 
         from .modules import KWARG, CrossInput, install_hooks
 
+        self.check_memory(model, manifest)
         adapter, digest = resolve_adapter(model, self.options.adapter)
         X = len(adapter.config.cross_layers)
         dev, dt = model.device, model.dtype

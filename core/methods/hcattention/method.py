@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from ...errors import BadInputError, CorruptMemoryError, ResourceError
-from ..base import Encoder, KVMemory, Method, Options, host_available, make_cache, prefill
+from ..base import FLOATS, Encoder, KVMemory, Method, Options, host_available, make_cache, prefill
 from . import quant
 from .read import HostRows, Layer, Store, use_hc_attention
 
@@ -455,6 +455,71 @@ class HCAttention(Method):
     def memory_tokens(self, total_tokens):
         return max(1, int(total_tokens * self.target_share(total_tokens)))
 
+    def spec_problem(self, specs, tokens, geometry):
+        """k, v [L, H, T, D] (model dtype, or int8 with k_scale/v_scale [L, H, T] float32), codes [L, H, T, g]
+        (uint8, int16 past 256 centroids), codebooks [L, H, g, c, D/g] float32."""
+        L, H, D = geometry
+        unknown = set(specs) - {"k", "v", "k_scale", "v_scale", "codes", "codebooks"}
+        if unknown:
+            return f"unknown tensors {sorted(unknown)}"
+        for name in ("k", "v"):
+            dtype, shape = specs.get(name, (None, None))
+            if dtype not in (*FLOATS, "I8") or list(shape) != [L, H, tokens, D]:
+                return f"tensor {name!r} is {dtype} {shape}, expected {[L, H, tokens, D]}"
+            scale = specs.get(f"{name}_scale")
+            if (dtype == "I8") != (scale is not None):
+                return f"tensor {name!r} is {dtype} {'without' if scale is None else 'with'} {name}_scale"
+            if scale is not None and (scale[0] != "F32" or list(scale[1]) != [L, H, tokens]):
+                return f"tensor {name}_scale is {scale[0]} {scale[1]}, expected F32 {[L, H, tokens]}"
+        if "codebooks" in specs:
+            dtype, shape = specs["codebooks"]
+            if dtype != "F32" or len(shape) != 5 or list(shape[:2]) != [L, H] or shape[2] * shape[4] != D \
+                    or not 2 <= shape[3] <= 32768:
+                return f"tensor 'codebooks' is {dtype} {shape}, expected F32 [{L}, {H}, g, centroids, {D}/g]"
+        if "codes" in specs:
+            dtype, shape = specs["codes"]
+            if dtype not in ("U8", "I16") or len(shape) != 4 or list(shape[:3]) != [L, H, tokens]:
+                return f"tensor 'codes' is {dtype} {shape}, expected U8/I16 [{L}, {H}, {tokens}, g]"
+        return None
+
+    def check_memory(self, model, manifest):
+        """The per-chunk specs (Method.check_memory), then across chunks: one chunk holds the codebooks, and
+        every chunk's codes have their group count and an integer type wide enough for their centroids."""
+        import torch
+
+        super().check_memory(model, manifest)
+        name = manifest.get("name")
+        if not manifest.get("chunks"):
+            return  # blocks made in process (tests): nothing read from disk to check
+        books = [r for r in manifest["chunks"] if "codebooks" in (r.get("tensors") or {})]
+        if len(books) != 1:
+            raise CorruptMemoryError(f"{name}: hcattention memory has codebooks in {len(books)} chunks, not 1")
+        _, _, g, c, _ = books[0]["tensors"]["codebooks"][1]
+        code_type = "U8" if c <= 256 else "I16"
+        for r in manifest["chunks"]:
+            codes = (r.get("tensors") or {}).get("codes")
+            if codes is not None and (codes[0] != code_type or codes[1][3] != g):
+                raise CorruptMemoryError(f"{name} chunk {r['seq']}: codes {codes[0]} {codes[1]} do not fit codebooks "
+                                         f"of {g} groups × {c} centroids")
+        self._centroids = c
+        self._scale_max = torch.finfo(model.dtype).max / 127  # a dequantized int8 row must fit the model's dtype
+
+    def check_block(self, record, tensors, manifest):
+        """Codes index their codebooks (an index past them reads outside the device buffer), and int8 scales
+        are positive and small enough that dequantized rows stay finite."""
+        where = f"{manifest.get('name')} chunk {record['seq']}"
+        codes = tensors.get("codes")
+        if codes is not None and codes.numel():
+            lo, hi = int(codes.min()), int(codes.max())
+            if lo < 0 or hi >= self._centroids:
+                raise CorruptMemoryError(f"{where}: key codes {lo}..{hi} out of range for {self._centroids} centroids")
+        for name in ("k_scale", "v_scale"):
+            scale = tensors.get(name)
+            if scale is not None and scale.numel():
+                lo, hi = float(scale.min()), float(scale.max())
+                if not 0 < lo <= hi <= self._scale_max:
+                    raise CorruptMemoryError(f"{where}: {name} {lo:g}..{hi:g} out of range (0, {self._scale_max:g}]")
+
     def check_resources(self, manifest, device, dtype):
         """Nothing here: attach checks the device/host split itself (module-level check_resources) before
         it allocates, since only it knows which rows stay on the host."""
@@ -462,6 +527,8 @@ class HCAttention(Method):
     def attach(self, model, manifest, blocks):
         import torch
 
+        self.check_memory(model, manifest)
+        blocks = self.checked_blocks(manifest, blocks)
         c = model.config
         L = c.num_hidden_layers
         records = manifest["chunks"]
@@ -581,7 +648,11 @@ def serve(model, manifest: dict, blocks: Iterable[tuple[dict, dict]],
     (per layer, on its first calib_tokens keys), codes and exact window on the device, rows in host memory."""
     import torch
 
-    layers, logical, spans = _layers_of(model, manifest, blocks)
+    from .. import from_manifest
+
+    served = from_manifest(manifest)  # its own read-time checks first (an unknown method is refused there)
+    served.check_memory(model, manifest)
+    layers, logical, spans = _layers_of(model, manifest, served.checked_blocks(manifest, blocks))
     c = model.config
     H, D = c.num_key_value_heads, layers[0][0].shape[-1]
     lengths = [k.shape[1] for k, _, _ in layers]
