@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import BadInputError, ResourceError
+from .memory.durable import publish_dir
 from .paths import Paths
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -161,8 +162,7 @@ def embedded_dir(paths: Paths, on_progress: Callable[[str], None] | None = None)
         model.generation_config.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         (tmp / "COMPLETE").write_text(json.dumps({"gguf": str(gguf), "size": st.st_size}))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        publish_dir(tmp, target)
         shutil.rmtree(target.parent / f"{EMBEDDED}-{st.st_size}", ignore_errors=True)  # the v1 cache, if any
     return target
 
@@ -264,9 +264,8 @@ def embedded_tokenizer_dir(paths: Paths) -> Path:
         config["_name_or_path"] = EMBEDDED
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "COMPLETE").write_text(json.dumps({"gguf": str(gguf), "size": size, "weights": False}))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-        shutil.rmtree(target.parent / f"{EMBEDDED}-{st.st_size}", ignore_errors=True)  # the v1 cache, if any
+        publish_dir(tmp, target)
+        shutil.rmtree(target.parent / f"{EMBEDDED}-{size}", ignore_errors=True)  # the v1 cache, if any
     return target
 
 

@@ -1,8 +1,8 @@
 """Crash-safe file writes: temp file → fsync → rename → fsync directory (PostgreSQL's durable_rename).
 
-Every file combllama persists goes through `write_atomic`. Directory renames (a bundle put in place,
-moved aside for removal or replaced by --force; the embedded model's cache) call os.replace elsewhere,
-each followed by `fsync_dir` of the parent.
+Every file combllama persists goes through `write_atomic`. Directory renames of memories (a bundle put
+in place, moved aside for removal or replaced by --force) call os.replace elsewhere, each followed by
+`fsync_dir` of the parent; a cache directory written whole (the embedded model) goes in by `publish_dir`.
 A rename alone is atomic but not durable: without the fsyncs a power cut can leave an empty file.
 OS errors leave as ResourceError (disk full, I/O error: exit 4), never as a raw OSError.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 from pathlib import Path
 
 from ..errors import ResourceError
@@ -70,3 +71,26 @@ def write_atomic(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
         raise
     with storage(path):
         fsync_dir(path.parent)
+
+
+def fsync_tree(directory: Path) -> None:
+    """fsync every file under `directory`, then every directory, deepest first (links are not followed)."""
+    for dirpath, _, filenames in os.walk(directory, topdown=False):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def publish_dir(tmp: Path, target: Path) -> None:
+    """Put the fully written directory `tmp` at `target`: its files and directories fsynced, then the rename,
+    then the parent fsynced, so a crash or power cut leaves the old state or all of the new one, never a
+    directory whose files are empty. An existing `target` is a stale cache being rebuilt: it is removed."""
+    with storage(target):
+        fsync_tree(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from faults import OPS, Fault, Shim
 from writefaults import call_counts, ingest_doc, run_matrix, snapshot, temp_files
@@ -218,3 +219,121 @@ def test_rolling_a_cut_swap_forward_fsyncs_the_directory(tmp_path, monkeypatch):
     monkeypatch.setattr(MemoryReader, "complete", property(lambda self: True))
     assert store_mod.MemoryStore(tmp_path).finish_replacements() == []  # the constructor already did it
     assert calls == ["replace", "fsync_dir"] and (tmp_path / "m").is_dir()
+
+
+def _fsync_log(monkeypatch) -> list:
+    """Records ("fsync", path) and ("replace", src, dst) for os.fsync / os.replace (paths of fds from os.open)."""
+    log, paths = [], {}
+    real_open, real_fsync, real_replace = os.open, os.fsync, os.replace
+
+    def spy_open(path, flags, *a, **k):
+        fd = real_open(path, flags, *a, **k)
+        paths[fd] = Path(os.path.abspath(path))
+        return fd
+
+    monkeypatch.setattr(os, "open", spy_open)
+    monkeypatch.setattr(os, "fsync", lambda fd: log.append(("fsync", paths.get(fd))) or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b, **k: log.append(("replace", Path(os.path.abspath(a)),
+                                                                     Path(os.path.abspath(b)))) or real_replace(a, b, **k))
+    return log
+
+
+def _assert_published(log: list, target: Path) -> None:
+    """`target` came in by one rename of a directory whose every file and subdirectory (and itself) had been
+    fsynced before it, and the parent directory was fsynced after it (case 16 for a directory)."""
+    renames = [i for i, e in enumerate(log) if e[0] == "replace" and e[2] == target]
+    assert len(renames) == 1, log
+    at = renames[0]
+    src = log[at][1]
+    synced_before = {e[1] for e in log[:at] if e[0] == "fsync"}
+    inside = [target, *target.rglob("*")]
+    assert inside[1:] and all(src / p.relative_to(target) in synced_before for p in inside), (inside, synced_before)
+    assert ("fsync", target.parent) in log[at + 1:], log[at:]
+
+
+def _small_llama_and_tokenizer():
+    """A 2-layer random Llama and a word-level tokenizer built in process (no model files, no conversion)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *(f"w{i}" for i in range(125))])}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def test_publish_dir_order_and_replacement(tmp_path, monkeypatch):
+    """Durability order for a directory written whole: fsync of every file and directory in it, the rename,
+    then the parent's fsync; a stale directory at the target is replaced."""
+    from combllama.core.memory.durable import publish_dir
+
+    tmp, target = tmp_path / "cache.tmp", tmp_path / "cache"
+    (tmp / "sub" / "deeper").mkdir(parents=True)
+    for rel in ("a.json", "sub/b.safetensors", "sub/deeper/COMPLETE"):
+        (tmp / rel).write_text(rel)
+    (target / "old").mkdir(parents=True)
+    (target / "old" / "stale.bin").write_text("stale")
+    log = _fsync_log(monkeypatch)
+    publish_dir(tmp, target)
+    _assert_published(log, target)
+    assert sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()) == \
+        ["a.json", "sub/b.safetensors", "sub/deeper/COMPLETE"]
+    assert not tmp.exists()
+
+
+def test_embedded_model_caches_are_published_durably(tmp_path, monkeypatch):
+    """Case 16 for core/model.py: the tokenizer-only cache and the converted-model cache each come in by
+    publish_dir's order. The GGUF readers are replaced by a small in-process model (the order, not the
+    25-second dequantization, is under test). It also covers a NameError the tokenizer cache raised on its
+    first build."""
+    import transformers
+
+    from combllama.core import model as model_mod
+    from combllama.core.paths import Paths
+
+    small, tokenizer = _small_llama_and_tokenizer()
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tokenizer)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda *a, **k: small.config)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: small)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    paths = Paths.from_env({"COMBLLAMA_HOME": str(tmp_path / "home"), "COMBLLAMA_CACHE_DIR": str(tmp_path / "cache")})
+    log = _fsync_log(monkeypatch)
+    tok_dir = model_mod.embedded_tokenizer_dir(paths)
+    _assert_published(log, tok_dir)
+    assert (tok_dir / "COMPLETE").is_file() and (tok_dir / "config.json").is_file()
+    log.clear()
+    converted = model_mod.embedded_dir(paths)
+    _assert_published(log, converted)
+    assert (converted / "model.safetensors").is_file() and (converted / "COMPLETE").is_file()
+    assert not list(converted.parent.glob("*.tmp"))
+
+
+def test_adapter_file_is_written_atomically_and_durably(tmp_path, monkeypatch):
+    """Case 16 for core/methods/combllama/weights.py: write → fsync → replace → fsync(dir); an adapter over
+    the size cap leaves the file that was there untouched and no temporary file."""
+    from combllama.core.errors import BadInputError
+    from combllama.core.methods.combllama import weights
+    from combllama.core.methods.combllama.modules import CombAdapter, CombConfig
+
+    small, _ = _small_llama_and_tokenizer()
+    adapter = CombAdapter.from_base(small, CombConfig.for_model(small.config, rank=2))
+    path = tmp_path / "adapters" / "a.safetensors"
+    calls = []
+    real = {op: getattr(os, op) for op in ("write", "fsync", "replace")}
+    for op in real:
+        monkeypatch.setattr(os, op, lambda *a, _op=op, **k: calls.append(_op) or real[_op](*a, **k))
+    size = weights.save_adapter(path, adapter, base_fingerprint="cmfp1:x", base_weights="cmw1:y", base_name="small")
+    monkeypatch.undo()
+    assert [c for i, c in enumerate(calls) if i == 0 or calls[i - 1] != c] == ["write", "fsync", "replace", "fsync"]
+    assert path.stat().st_size == size and weights.read_header(path)["base_name"] == "small"
+    before = path.read_bytes()
+    monkeypatch.setattr(weights, "MAX_BYTES", 1000)
+    with pytest.raises(BadInputError, match="lower --rank"):
+        weights.save_adapter(path, adapter, base_fingerprint="cmfp1:x", base_weights="cmw1:y", base_name="other")
+    assert path.read_bytes() == before and os.listdir(path.parent) == ["a.safetensors"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from ...errors import BadInputError, IncompatibleMemoryError, UnsupportedVersionError
@@ -50,9 +49,12 @@ def file_digest(path: Path) -> bytes:
 
 def save_adapter(path: Path, adapter: CombAdapter, *, base_fingerprint: str, base_weights: str, base_name: str,
                  info: dict | None = None) -> int:
-    """Write `adapter` (bf16 tensors; gates in fp32) atomically; returns the file size. Refuses > MAX_BYTES."""
+    """Write `adapter` (bf16 tensors; gates in fp32) atomically and durably (core.memory.durable.write_atomic);
+    returns the file size. Refuses > MAX_BYTES, leaving any file at `path` as it was."""
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from ...memory.durable import write_atomic
 
     path = Path(path)
     tensors = {}
@@ -62,16 +64,13 @@ def save_adapter(path: Path, adapter: CombAdapter, *, base_fingerprint: str, bas
     meta = {"format": FORMAT, "version": str(VERSION), "config": adapter.config.to_json(),
             "base_fingerprint": base_fingerprint, "base_weights": base_weights, "base_name": base_name,
             "info": json.dumps(info or {}, sort_keys=True)}
-    tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp), metadata=meta)
-    size = tmp.stat().st_size
-    if size > MAX_BYTES:
-        tmp.unlink()
-        raise BadInputError(f"adapter would be {size / 2**20:.1f} MiB, more than {MAX_BYTES / 2**20:.0f} MiB; "
+    data = save(tensors, metadata=meta)  # at most MAX_BYTES is worth writing: sized in memory first
+    if len(data) > MAX_BYTES:
+        raise BadInputError(f"adapter would be {len(data) / 2**20:.1f} MiB, more than {MAX_BYTES / 2**20:.0f} MiB; "
                             f"lower --rank")
-    os.replace(tmp, path)
-    return size
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, data)
+    return len(data)
 
 
 def read_header(path: Path) -> dict:
