@@ -1,7 +1,8 @@
 """Fault injection on the write path, in the spirit of SQLite's test6.c: the Nth call of os.open,
 os.write, os.fsync or os.replace fails with ENOSPC or EIO, "loses" its fsync, or SIGKILLs the process.
 
-Test-harness code only: the product never reads the variable below. `Shim` patches the `os` module in
+A shim can also hold a manifest commit (COMBLLAMA_TEST_PAUSE) so that a test can signal the process while
+it is inside one. Test-harness code only: the product never reads the variables below. `Shim` patches the `os` module in
 the current process (combllama looks functions up as `os.write` at call time, so the patch is seen);
 `install_from_env` is what the kill-loop child calls before it runs the CLI.
 """
@@ -11,10 +12,15 @@ import errno
 import hashlib
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 
 ENV = "COMBLLAMA_TEST_FAULT"  # "op:nth:action", e.g. "replace:3:kill"; read only by tests/reliability
 ENV_LOG = "COMBLLAMA_TEST_COMMIT_LOG"  # the child appends "intent|done <sha256>" around each manifest commit
+ENV_PAUSE = "COMBLLAMA_TEST_PAUSE"  # "N:before" or "N:after": hold inside the Nth manifest commit, before or
+#                                    after its os.replace onto MANIFEST.json
+ENV_PAUSED = "COMBLLAMA_TEST_PAUSED"  # a file the shim creates when it starts holding (the test's cue)
+PAUSE_SECONDS = 60.0  # then the commit goes on
 OPS = ("open", "write", "fsync", "replace")
 ACTIONS = ("ENOSPC", "EIO", "lose", "kill")
 
@@ -51,6 +57,8 @@ class Shim:
     lost: list = field(default_factory=list)  # paths (after renames) whose data was never synced
     _fd_paths: dict = field(default_factory=dict)
     _real: dict = field(default_factory=dict)
+    pause: tuple[int, str] | None = None  # (nth manifest commit, "before" | "after")
+    commits: int = 0  # manifest commits (os.replace onto MANIFEST.json) seen
 
     def install(self) -> "Shim":
         for op in OPS:
@@ -112,15 +120,23 @@ class Shim:
         src_s, dst_s = os.fspath(src), os.fspath(dst)
         log = os.environ.get(ENV_LOG)
         manifest = bool(log) and dst_s.endswith("MANIFEST.json")
+        hold = None
+        if dst_s.endswith("MANIFEST.json"):
+            self.commits += 1
+            hold = self.pause[1] if self.pause and self.pause[0] == self.commits else None
         if manifest:  # logged before the fault, so a kill here counts as a kill inside a commit
             digest = _sha_file(src_s)
             _append(log, f"intent {digest}\n")
+        if hold == "before":
+            _hold()
         if self._due("replace"):
             self._fail("replace", src)
         self.lost = [dst_s if p == src_s else p for p in self.lost]
         self._real["replace"](src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
         if manifest:
             _append(log, f"done {digest}\n")
+        if hold == "after":
+            _hold()
 
     def power_cut(self) -> list[str]:
         """Simulate losing the page cache: every file whose fsync was lost comes back empty."""
@@ -144,9 +160,24 @@ def _append(path: str, line: str) -> None:
         f.write(line)
 
 
+def _hold() -> None:
+    """Sleep inside the commit for PAUSE_SECONDS, after creating the ENV_PAUSED file. Signal handlers run
+    during the sleep: one that raises (a second Ctrl-C) ends the hold with its exception."""
+    marker = os.environ.get(ENV_PAUSED)
+    if marker:
+        open(marker, "w").close()
+    deadline = time.monotonic() + PAUSE_SECONDS
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def install_from_env() -> Shim | None:
-    """The kill-loop child's hook: a commit log and/or a fault from the environment."""
-    spec, log = os.environ.get(ENV), os.environ.get(ENV_LOG)
-    if not spec and not log:
+    """The kill-loop child's hook: a commit log, a fault and/or a held commit from the environment."""
+    spec, log, pause = os.environ.get(ENV), os.environ.get(ENV_LOG), os.environ.get(ENV_PAUSE)
+    if not spec and not log and not pause:
         return None
-    return Shim(Fault.parse(spec) if spec else None).install()
+    shim = Shim(Fault.parse(spec) if spec else None)
+    if pause:
+        nth, when = pause.split(":")
+        shim.pause = (int(nth), when)
+    return shim.install()

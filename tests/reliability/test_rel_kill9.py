@@ -80,3 +80,59 @@ def test_force_keeps_the_old_memory_until_the_new_one_is_sealed(tiny, sample_doc
     staged = store.root / ".m2.replacing"
     os.replace(store.root / "m2", staged)
     assert MemoryStore(store.root).open("m2").complete and not staged.exists()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_second_ctrl_c_during_the_manifest_commit(tmp_path, tiny_dir, isolated_home, when):
+    """Case 13: a real `ingest` process is held inside its 2nd manifest commit (faults.py, before or after the
+    os.replace onto MANIFEST.json) and gets two SIGINTs there: the first asks for a stop, the second raises
+    KeyboardInterrupt inside the commit. It exits 130 with one line and no traceback, and the memory on disk
+    is exactly the old manifest (before) or the new one (after), intact, with no temporary file left."""
+    import hashlib
+    import signal
+    import time
+    from pathlib import Path
+
+    from killloop import ledger_text
+
+    from combllama.core.memory.store import MemoryStore
+
+    doc = tmp_path / "ledger.txt"
+    doc.write_text(ledger_text(60))
+    paused, log = tmp_path / "paused", tmp_path / "commits.log"
+    here = str(Path(__file__).resolve().parent)
+    code = (f"import sys; sys.path.insert(0, {here!r}); import faults; faults.install_from_env(); "
+            "from combllama.cli.main import main; main()")
+    env = dict(os.environ, COMBLLAMA_TEST_PAUSE=f"2:{when}", COMBLLAMA_TEST_PAUSED=str(paused),
+               COMBLLAMA_TEST_COMMIT_LOG=str(log))
+    proc = subprocess.Popen([sys.executable, "-c", code, "ingest", str(doc), "--model", str(tiny_dir), "--device",
+                             "cpu", "--chunk-tokens", "64", "-q", "--name", "m"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while not paused.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert paused.exists(), proc.communicate(timeout=5)
+        proc.send_signal(signal.SIGINT)  # the first: stop at the next chunk boundary (the commit goes on)
+        time.sleep(0.5)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)  # the second, inside the commit
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines() == ["combllama: error: interrupted"], err
+    commits = [line.split() for line in log.read_text().splitlines()]
+    intents = [sha for kind, sha in commits if kind == "intent"]
+    done = [sha for kind, sha in commits if kind == "done"]
+    assert len(intents) == 2 and len(done) == (1 if when == "before" else 2)
+    root = isolated_home / "memories" / "m"
+    on_disk = hashlib.sha256((root / "MANIFEST.json").read_bytes()).hexdigest()
+    assert on_disk == (done[0] if when == "before" else intents[1])  # the old manifest, or the new one whole
+    reader = MemoryStore(isolated_home / "memories").open("m")
+    assert reader.verify() == [] and not reader.complete
+    assert reader.manifest["ingest"]["next_seq"] == (0 if when == "before" else len(reader.manifest["chunks"]))
+    assert list((root / "tmp").iterdir()) == []
