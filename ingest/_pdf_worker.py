@@ -92,6 +92,8 @@ def extract(request: dict) -> dict:
             entry["text"] = page.extract_text() or ""
         except MemoryError:
             raise
+        except DependencyError as e:  # AES streams without `cryptography`: every page would fail the same way
+            return {"ok": False, "kind": "crypto", "message": str(e)}
         except Exception as e:  # noqa: BLE001 - one bad page is a Skip, not a failed book
             entry["error"] = f"{type(e).__name__}: {e}"[:300]
         entry["images"] = _image_count(page)
