@@ -23,9 +23,12 @@ def text_stream(lines: list[str]) -> bytes:
 
 def make_pdf(path: Path, pages: list[list[str] | None], *, labels: list[tuple[int, int, str, str | None, int]] = (),
              user_password: str | None = None, owner_password: str = "owner", image_pages: tuple[int, ...] = (),
-             outline: list[tuple[str, int]] = (), flate_pages: dict[int, bytes] | None = None) -> Path:
+             outline: list[tuple[str, int]] = (), flate_pages: dict[int, bytes] | None = None,
+             raw_pages: dict[int, tuple[list[str], bytes]] | None = None, edit=None,
+             algorithm: str = "AES-128") -> Path:
     """pages[i] = lines of text, or None for a page without text. labels: (start, end, style, prefix, first).
-    flate_pages: page index → already deflated content stream bytes (decompression bombs)."""
+    flate_pages: page index → already deflated content stream bytes (decompression bombs). raw_pages: page
+    index → (filter names, encoded bytes) of its content stream. edit(writer): last changes before writing."""
     w = PdfWriter()
     font = DictionaryObject({NameObject("/Type"): NameObject("/Font"), NameObject("/Subtype"): NameObject("/Type1"),
                              NameObject("/BaseFont"): NameObject("/Helvetica")})
@@ -49,6 +52,11 @@ def make_pdf(path: Path, pages: list[list[str] | None], *, labels: list[tuple[in
             stream = StreamObject()
             stream._data = flate_pages[i]
             stream[NameObject("/Filter")] = NameObject("/FlateDecode")
+        elif raw_pages and i in raw_pages:
+            filters, stream = raw_pages[i][0], StreamObject()
+            stream._data = raw_pages[i][1]
+            if filters:
+                stream[NameObject("/Filter")] = ArrayObject([NameObject(f) for f in filters])
         else:
             stream = DecodedStreamObject()
             stream.set_data(content)
@@ -58,11 +66,47 @@ def make_pdf(path: Path, pages: list[list[str] | None], *, labels: list[tuple[in
         w.set_page_label(start, end, style=style, prefix=prefix, start=first)
     for title, page_no in outline:
         w.add_outline_item(title=title, page_number=page_no)
+    if edit is not None:
+        edit(w)
     if user_password is not None:
-        w.encrypt(user_password=user_password, owner_password=owner_password, algorithm="AES-128")
+        w.encrypt(user_password=user_password, owner_password=owner_password, algorithm=algorithm)
     with open(path, "wb") as f:
         w.write(f)
     return path
+
+
+def lzw_run(byte: int, n: int) -> bytes:
+    """PDF LZWDecode data of `n` copies of `byte`, built from its codes (an LZW bomb: ~1,300:1, the most the
+    code table allows; 300 MiB take about 230 KB). Codes and packing are those of pypdf's encoder (whose
+    own packer never trims its bit buffer: quadratic at this size)."""
+    codes, longest, left, next_code = [256], 1, n, 258  # clear-table first; code 256 + j is a run of length j
+    while left:
+        take = min(longest, left)
+        codes.append(byte if take == 1 else 256 + take)
+        left -= take
+        if left:
+            if next_code <= 4095:
+                longest, next_code = take + 1, next_code + 1
+            else:  # table full: clear it and start again from single bytes
+                codes.append(256)
+                longest, next_code = 1, 258
+    codes.append(257)  # end of data
+    out, buf, nbits, width, next_code = bytearray(), 0, 0, 9, 258
+    for code in codes:  # high-order bit first; the width grows as the decoder's table will
+        buf, nbits = (buf << width) | code, nbits + width
+        while nbits >= 8:
+            nbits -= 8
+            out.append((buf >> nbits) & 0xFF)
+        buf &= (1 << nbits) - 1
+        if code == 256:
+            width, next_code = 9, 258
+        elif code != 257:
+            next_code += 1
+            if next_code > (1 << width) - 1 and width < 12:
+                width += 1
+    if nbits:
+        out.append((buf << (8 - nbits)) & 0xFF)
+    return bytes(out)
 
 
 def make_epub(path: Path, chapters: list[tuple[str, str, str]], *, spine: list[str] | None = None,
