@@ -19,6 +19,7 @@ from .epub import EpubSource
 from .errors import IngestError, SourceError, UnsupportedSourceError
 from .pdf import PdfSource
 from .repo import FileEntry, RepoScan, RepoSource, file_texts, read_repo, scan_repo
+from .safezip import check_directory
 from .text import TextSource
 from .webpage import HtmlSource
 
@@ -39,6 +40,7 @@ def sniff(path: Path) -> Source | None:
     if b"%PDF-" in head[:1024]:
         return SOURCES["pdf"]
     if head.startswith(b"PK\x03\x04"):
+        check_directory(path, IngestOptions())  # before zipfile reads the directory whole (SourceError if too big)
         try:
             with zipfile.ZipFile(path) as z:
                 names = z.namelist()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import lzma
 import re
+import struct
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from .document import Skip
 from .errors import SourceError
 
 _RATIO_MIN_BYTES = 1 * MiB  # small entries of repeated text compress 100:1 legitimately
+_MAX_DIRECTORY_BYTES = 64 * MiB  # zipfile reads the central directory whole; an ebook's is a few hundred KiB
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
@@ -33,6 +35,43 @@ def unsafe_name(name: str) -> str | None:
 def escape_name(name: str) -> str:
     """Printable form of a member name for reports (no raw control characters)."""
     return name.encode("unicode_escape", "backslashreplace").decode("ascii") if not name.isprintable() else name
+
+
+def check_directory(path: Path, options: IngestOptions) -> None:
+    """Refuse an archive whose central directory is over the caps before zipfile reads it: zipfile keeps the
+    whole directory in memory and builds a ZipInfo per record (about 50 MiB for 100,000 entries), so the
+    records are counted here from their fixed headers, in constant memory, stopping past the entry cap.
+    The end record's entry count is not trusted (zipfile never reads it either). Damage other than size is
+    left to zipfile, which reports it."""
+    with open(path, "rb") as f:
+        try:
+            end = zipfile._EndRecData(f)  # the stdlib's own end-record search (zip64 included)
+        except OSError:
+            return
+        if not end:
+            return
+        size = end[zipfile._ECD_SIZE]
+        start = end[zipfile._ECD_LOCATION] - size  # where zipfile will look (data before the zip allowed)
+        if end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:
+            start -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
+        if size > _MAX_DIRECTORY_BYTES:
+            raise SourceError(f"{path.name}: zip-unsafe: its central directory is {size:,} bytes (limit "
+                              f"{_MAX_DIRECTORY_BYTES:,})")
+        if start < 0:
+            return
+        f.seek(start)
+        count, at = 0, 0
+        while at < size:
+            head = f.read(46)
+            if len(head) != 46 or head[:4] != b"PK\x01\x02":
+                return
+            tail = sum(struct.unpack("<HHH", head[28:34]))  # name, extra field and comment lengths
+            f.seek(tail, 1)
+            at += 46 + tail
+            count += 1
+            if count > options.zip_max_entries:
+                raise SourceError(f"{path.name}: zip-unsafe: more than {options.zip_max_entries:,} entries is over "
+                                  f"the limit (zip_max_entries)")
 
 
 def _overlap(infos) -> str | None:
@@ -62,6 +101,7 @@ class SafeZip:
     def open(cls, path: Path, options: IngestOptions) -> SafeZip:
         name = path.name
         try:
+            check_directory(path, options)
             zf = zipfile.ZipFile(path)
             infos = zf.infolist()
         except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
@@ -76,9 +116,10 @@ class SafeZip:
         self = cls(path, options, zf)
         declared = 0
         for info in infos:
-            why = unsafe_name(info.filename)
+            # orig_filename: zipfile cuts `filename` at a NUL ("a.xhtml\0../x" would pass as "a.xhtml")
+            why = unsafe_name(info.orig_filename)
             if why:
-                self.skipped.append(Skip(f"{name}:{escape_name(info.filename)}", "zip-unsafe", why))
+                self.skipped.append(Skip(f"{name}:{escape_name(info.orig_filename)}", "zip-unsafe", why))
                 continue
             if info.filename.endswith("/"):
                 continue
