@@ -268,3 +268,68 @@ def test_stable_order_and_content_hash(tmp_path):
     assert one.sha256 == two.sha256
     write(root, "a.py", "# changed\n")
     assert load(root).sha256 != one.sha256
+
+
+def test_hard_links_are_read_and_reported(tmp_path):
+    """Case 25: a hard link can't be told from a plain file, and its content may come from outside the tree:
+    it is read, and named in the warning "hard-linked file(s) included"; two names of one inode inside the
+    tree are read once (the second is a `duplicate` skip)."""
+    outside = write(tmp_path, "outside/secret.txt", "OUTSIDE CONTENT\n")
+    root = tmp_path / "r"
+    write(root, "plain.txt", "plain\n")
+    os.link(outside, root / "linked.txt")
+    write(root, "a/first.txt", "twice linked\n")
+    os.link(root / "a" / "first.txt", root / "b.txt")
+    doc = load(root, IngestOptions(use_git=False))
+    assert [p for p, _ in file_texts(doc)] == ["b.txt", "linked.txt", "plain.txt"]  # a folder's files first
+    assert "OUTSIDE CONTENT" in doc.joined()
+    assert {k.path: k.reason for k in doc.skipped} == {"a/first.txt": "duplicate"}
+    warning = next(w for w in doc.warnings if "hard-linked" in w)
+    assert warning == ("r/: 2 hard-linked file(s) included; their content may come from outside the folder: "
+                       "b.txt, linked.txt")
+
+
+def _changing_tree(tmp_path):
+    root = tmp_path / "r"
+    write(root, "keep.txt", "kept\n")
+    write(root, "gone.txt", "deleted after the scan\n")
+    write(root, "shrinks.txt", "".join(f"line {i}\n" for i in range(50)))
+    write(root, "grows.txt", "first line\n")
+    return root
+
+
+def test_files_deleted_truncated_or_grown_between_scan_and_read(tmp_path):
+    """Case 28: between the scan (lstat) and the read, one file is deleted (skipped `changed`: "cannot open
+    any more"), one truncated in place and one appended to (each read as found, with a warning giving the
+    scanned and the read size). What is recorded is what was read: the text, and the document hash, equal a
+    fresh scan and read of the changed tree."""
+    root = _changing_tree(tmp_path)
+    s = scan_repo(root, IngestOptions(use_git=False))
+    before = read_repo(scan_repo(root, IngestOptions(use_git=False)))
+    (root / "gone.txt").unlink()
+    with open(root / "shrinks.txt", "r+b") as f:
+        f.truncate(14)  # "line 0\nline 1\n"
+    with open(root / "grows.txt", "ab") as f:
+        f.write(b"second line, appended after the scan\n")
+    doc = read_repo(s, IngestOptions(use_git=False))
+    assert [(k.path, k.reason) for k in doc.skipped] == [("gone.txt", "changed")]
+    assert doc.skipped[0].detail.startswith("cannot open any more")
+    assert "shrinks.txt: size changed during the scan (390 → 14 bytes); read as found" in doc.warnings
+    assert "grows.txt: size changed during the scan (11 → 48 bytes); read as found" in doc.warnings
+    texts = dict(file_texts(doc))
+    assert texts["shrinks.txt"] == "line 0\nline 1\n" and texts["grows.txt"].endswith("appended after the scan\n")
+    fresh = read_repo(scan_repo(root, IngestOptions(use_git=False)))
+    assert doc.sha256 == fresh.sha256 != before.sha256
+    assert dict(file_texts(fresh)) == texts
+
+
+def test_file_growing_past_the_cap_between_scan_and_read(tmp_path):
+    root = _changing_tree(tmp_path)
+    options = IngestOptions(use_git=False, max_file_bytes=1000)
+    s = scan_repo(root, options)
+    with open(root / "grows.txt", "ab") as f:
+        f.write(b"x" * 5000)
+    doc = read_repo(s, options)
+    assert {k.path: (k.reason, k.detail) for k in doc.skipped} == {
+        "grows.txt": ("too-large", "grew past 1,000 bytes while being read")}
+    assert "xxxx" not in doc.joined() and "kept" in doc.joined()
