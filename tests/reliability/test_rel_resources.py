@@ -3,6 +3,8 @@ ResourceError (exit 4) that says what to change, nothing half-computed is commit
 stays usable; a memory too large for the device is refused from its manifest before any load."""
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -63,6 +65,75 @@ def test_cli_ingest_oom_exits_4_with_one_line(tiny_dir, tmp_path, monkeypatch):
                                       "--chunk-tokens", "64", "-q"])
     assert result.exit_code == 4, result.output
     assert "out of memory" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+class Tracked:
+    """A model forward that keeps weak references to the logits of each call, and on its k-th call allocates a
+    scratch tensor (the failed step's own memory) and raises OutOfMemoryError while holding it."""
+
+    def __init__(self, forward, k: int, scratch_bytes: int = 1 << 20, device: str = "cpu"):
+        self.forward, self.k, self.calls, self.refs = forward, k, 0, []
+        self.scratch_bytes, self.device = scratch_bytes, device
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.k:
+            scratch = torch.empty(self.scratch_bytes, dtype=torch.uint8, device=self.device)
+            self.refs.append(("scratch of the failed call", weakref.ref(scratch)))
+            raise torch.cuda.OutOfMemoryError(OOM)
+        out = self.forward(*args, **kwargs)
+        self.refs.append((f"logits of call {self.calls}", weakref.ref(out.logits)))
+        return out
+
+    def alive(self) -> list[str]:
+        return [name for name, ref in self.refs if ref() is not None]
+
+
+def test_oom_during_ingest_drops_every_reference_to_the_work_in_flight(tiny, sample_doc, store, monkeypatch):
+    """Case 30 (CPU): once the ResourceError is raised, while it is still being handled (its traceback holds
+    ingest's frame), nothing of the failed step is referenced: not its scratch tensor, not any step's logits,
+    not the encoder nor its KV cache of the chunks before (a GPU would get all of it back)."""
+    method = get_method("full")
+    made = {}
+    real_encoder = method.encoder
+
+    def encoder(model, total_tokens):
+        enc = real_encoder(model, total_tokens)
+        made["encoder"], made["its cache"] = weakref.ref(enc), weakref.ref(enc.cache)
+        return enc
+
+    monkeypatch.setattr(method, "encoder", encoder)
+    tracked = Tracked(tiny.model.forward, 3)
+    monkeypatch.setattr(tiny.model, "forward", tracked)
+    try:
+        ingest(tiny, sample_doc, method, store, name="m", config=EncodeConfig(chunk_tokens=64, commit_every=1))
+    except ResourceError:
+        assert tracked.calls == 3 and len(tracked.refs) == 3
+        assert tracked.alive() == []
+        assert [name for name, ref in made.items() if ref() is not None] == []
+    else:
+        pytest.fail("no ResourceError")
+    assert store.open("m").manifest["ingest"]["next_seq"] == 2
+
+
+def test_oom_while_answering_drops_every_reference_to_the_failed_step(tiny, attached, monkeypatch):
+    """Case 30 (CPU), answering: after the error nothing of the failed step or of earlier steps' logits is
+    referenced, and the cache is cut back to the memory's length. (Cut by slicing: the plain path's cache
+    keeps the last answer's slack as the base of its views until the next answer, failed or not; the
+    GPU fast path uses fixed buffers: tests/gpu/test_oom_gpu.py.)"""
+    _, memory = attached
+    ids = turn_ids(tiny.tokenizer, "Who keeps the lighthouse?")
+    engine = Engine(tiny.model, memory, tiny.eos_ids, fast=False)
+    lengths = list(memory.lengths)
+    tracked = Tracked(tiny.model.forward, 4)
+    monkeypatch.setattr(tiny.model, "forward", tracked)
+    try:
+        list(engine.generate(ids, GenerateOptions(max_new_tokens=8)))
+    except ResourceError:
+        assert tracked.calls == 4 and tracked.alive() == []
+        assert [lay.keys.shape[2] for lay in memory.cache.layers] == lengths
+    else:
+        pytest.fail("no ResourceError")
 
 
 @pytest.fixture
