@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from ..core.errors import CombllamaError
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     mrg.add_argument("inputs", nargs="+", metavar="RESULTS_JSON")
     mrg.add_argument("--out", required=True, help="results folder for the joined table and plot")
     args = parser.parse_args(argv)
+    # A time limit's SIGTERM unwinds like Ctrl-C, so a peer subprocess is stopped with the harness.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from .cases import FullSuite, parse_sizes
     from .grid import GridConfig, merge, run_grid, split_methods

@@ -3,6 +3,8 @@ core.cite (ranking chunks by the attention share the answer paid them); when cor
 module the task reports "unavailable" instead of a number."""
 from __future__ import annotations
 
+from ..core.errors import BadInputError
+
 import importlib
 
 from ..core.tokenize import tokenize_document
@@ -42,7 +44,10 @@ def first_source(loaded, memory, manifest: dict, prepared, answer_ids: list[int]
         return {"status": "unavailable", "reason": "core.cite is not present"}
     if len(memory.chunk_spans) != len(manifest["chunks"]):
         return {"status": "unavailable", "reason": "memory chunks do not map one to one onto stored spans"}
-    mass = cite.attention_mass(loaded.model, memory, prepared.question_ids, answer_ids)
+    try:
+        mass = cite.attention_mass(loaded.model, memory, prepared.question_ids, answer_ids)
+    except BadInputError as e:  # a memory core cannot cite (e.g. layers of different lengths): not a 0
+        return {"status": "unavailable", "reason": str(e)}
     ranked = cite.rank(cite.span_shares(mass, memory.chunk_spans))
     first = ranked[0][0] if ranked else None
     want = needle_chunk(loaded, manifest, prepared)

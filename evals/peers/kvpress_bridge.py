@@ -36,13 +36,20 @@ def run(prepared: list, presses: list[str], fractions: list[float], model_dir: P
         inp.write_text(json.dumps({"model_dir": str(model_dir), "eos_ids": eos_ids, "cases": cases,
                                    "presses": presses, "ratios": [round(1 - f, 6) for f in fractions],
                                    "threads": os.cpu_count(), "device": device, "dtype": dtype}))
-        proc = subprocess.run([str(py), str(RUNNER), str(inp), str(outp)], stderr=subprocess.PIPE, text=True)
-        if log:
-            for line in proc.stderr.splitlines():
-                if line.startswith("kvpress:"):
-                    log(line)
+        tail: list[str] = []
+        # Progress is logged as it comes (a run cut by a time limit still shows how far it got), and the
+        # runner dies with the harness instead of running on alone.
+        with subprocess.Popen([str(py), str(RUNNER), str(inp), str(outp)], stderr=subprocess.PIPE, text=True) as proc:
+            try:
+                for line in proc.stderr:
+                    tail = (tail + [line])[-200:]
+                    if log and line.startswith("kvpress:"):
+                        log(line.rstrip())
+            except BaseException:
+                proc.kill()
+                raise
         if proc.returncode != 0:
-            raise RuntimeError(f"kvpress runner failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+            raise RuntimeError(f"kvpress runner failed ({proc.returncode}):\n{''.join(tail)[-4000:]}")
         out = json.loads(outp.read_text())
     rows = []
     for r in out["rows"]:

@@ -26,6 +26,14 @@ def _metrics():
     return mod
 
 
+def _stand_in_attribute(unavailable):
+    def getattr_(attr: str):
+        if attr.startswith("__"):  # __file__, __path__...: introspection (inspect, torch.library) must see none
+            raise AttributeError(attr)
+        return unavailable
+    return getattr_
+
+
 def stub_unused_imports() -> list[str]:
     """Stand-ins for modules kvpress imports at the top level only for presses this runner never makes
     (DuoAttention, ExpectedAttentionStats, LUKV download calibration data with them). A machine without
@@ -40,7 +48,7 @@ def stub_unused_imports() -> list[str]:
         if importlib.util.find_spec(name) is not None:
             continue
         mod = types.ModuleType(name)
-        mod.__getattr__ = lambda attr: unavailable
+        mod.__getattr__ = _stand_in_attribute(unavailable)
         if name == "cachetools":  # used as a decorator at import time
             mod.LRUCache = lambda *a, **k: None
             mod.cached = lambda *a, **k: (lambda f: f)
@@ -175,6 +183,7 @@ def main(inp: str, outp: str) -> None:
     rows = []
     for case in spec["cases"]:
         ctx, T = case["context_ids"], len(case["context_ids"])
+        t_case = time.perf_counter()
 
         def run(press_name, ratio, press=None, cache=None, t0=None):
             t0 = t0 if t0 is not None else time.perf_counter()
@@ -217,7 +226,10 @@ def main(inp: str, outp: str) -> None:
                 if "_logits" in row:
                     row["fidelity"] = metrics.token_stats(ref, row.pop("_logits"), case["continuation_ids"][1:])
                 rows.append(row)
-        print(f"kvpress: {case['id']} done", file=sys.stderr, flush=True)
+        took = {name: round(sum(r.get("seconds") or 0 for r in rows if r["case"] == case["id"] and r["press"] == name), 1)
+                for name in spec["presses"]}
+        print(f"kvpress: {case['id']} ({T} tokens) done in {time.perf_counter() - t_case:.1f} s: {took}",
+              file=sys.stderr, flush=True)
     meta = {"kvpress": getattr(kvpress, "__version__", None) or _dist_version("kvpress"),
             "transformers": transformers.__version__, "torch": torch.__version__, "python": platform.python_version(),
             "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."), "stubbed_imports": stubbed}
