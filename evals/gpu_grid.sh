@@ -24,7 +24,7 @@ run_piece() {  # NAME TIMEOUT ARGS...: one grid piece; a timed-out piece leaves 
     > "$OUTS/$name.log" 2>&1 || rc=$?
   pkill -f run_kvpress.py 2>/dev/null || true  # a peer runner outliving its harness would hold the GPU
   echo "   rc=$rc in $((SECONDS - t0)) s"; tail -4 "$OUTS/$name.log" | cut -c1-300
-  mkdir -p "$OUT/$name"; cp -r "$OUTS/$name.log" "$OUTS/$name"/. "$OUT/$name/" 2>/dev/null || true
+  mkdir -p "$OUT/$name"; cp "$OUTS/$name.log" "$OUTS/$name/results.json" "$OUT/$name/" 2>/dev/null || true
 }
 
 case "${STAGE:?STAGE=stash|prepare|grid}" in
@@ -68,7 +68,8 @@ grid)
   # One piece per method, each under its own timeout: a slow method costs its own row, not the run's.
   for spec in ${PIECES:?PIECES="full truncate kvcompose kvpress:snapkv ..."}; do
     budgets=1,0.5,0.25,0.125; [ "$spec" = full ] && budgets=1
-    run_piece "$(echo "$spec" | tr -c 'A-Za-z0-9_=.\n' '-')" "${PIECE_LIMIT:-110}" --methods "$spec" \
+    case $spec in *@*) budgets=${spec#*@}; spec=${spec%@*} ;; esac  # METHOD@0.125,0.25: its own budgets
+    run_piece "$(echo "$spec" | tr -c 'A-Za-z0-9_.\n' '-')" "${PIECE_LIMIT:-110}" --methods "$spec" \
       --budgets $budgets "${TASKS[@]}" "${SIZES[@]}"
   done
   ;;
