@@ -103,12 +103,13 @@ def plot(result: dict, path: Path) -> None:
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
     methods = list(dict.fromkeys(s["method"] for s in result["summary"]))
+    colors = plt.get_cmap("tab20" if len(methods) > 10 else "tab10").colors  # one color per method, never reused
     for ax, (title, key, _) in zip(axes.flat, panels):
-        for m in methods:
+        for i, m in enumerate(methods):
             pts = sorted((s["memory_fraction"], _get(s, key)) for s in result["summary"]
                          if s["method"] == m and s.get("memory_fraction") is not None and _get(s, key) is not None)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m, color=colors[i % len(colors)])
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("memory fraction (measured)")
         ax.set_xscale("log", base=2)
@@ -117,7 +118,8 @@ def plot(result: dict, path: Path) -> None:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=9)
-    fig.suptitle(f"{result['model']['name']} · {result['date'][:10]} · {result['machine']['cpu']}", fontsize=10)
+    where = result["machine"].get("gpu") or result["machine"]["cpu"]
+    fig.suptitle(f"{result['model']['name']} ({result['model']['dtype']}) · {result['date'][:10]} · {where}", fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)
