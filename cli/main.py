@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 import click
 
@@ -89,7 +90,7 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"],
                                                                  "auto_envvar_prefix": "COMBLLAMA"})
 @click.version_option(package_name="combllama")
-@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks for internal errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks for internal errors and library warnings.")
 @click.pass_context
 def cli(ctx, verbose):
     """Ask questions about books, PDFs and code repositories from a compressed memory on disk.
@@ -100,6 +101,11 @@ def cli(ctx, verbose):
       combllama ask notes.txt "Summary?"  # ingests on the fly, reuses by content hash
     """
     ctx.ensure_object(dict)["verbose"] = verbose
+    if not verbose:
+        # Libraries announce their API churn (transformers 5.24: "`past_key_values` is deprecated") on
+        # stderr, between the user's answer and our one-line messages; that is for us to read, with -v.
+        for category in (FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category)
     from .config import install
 
     install(ctx)  # config.toml defaults for the command about to run (docs/cli.md "Configuration")

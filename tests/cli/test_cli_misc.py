@@ -99,3 +99,29 @@ def test_methods_lists_the_registry():
     assert [r["name"] for r in rows] == list(METHODS)
     text = run("methods").stdout
     assert all(name in text for name in METHODS)
+
+
+def test_library_deprecation_warnings_reach_stderr_only_with_verbose(monkeypatch):
+    """transformers 5.24 warns on every forward call with `past_key_values`; a user must not see it between
+    an answer and the one-line messages (a clean-clone CI run caught it), a developer sees it with -v."""
+    import warnings
+
+    from click.testing import CliRunner
+
+    from combllama.cli import info_cmd
+    from combllama.cli.main import cli
+
+    def noisy(*args, **kwargs):
+        warnings.warn("`past_key_values` is deprecated", FutureWarning)
+        warnings.warn("old API", DeprecationWarning)
+
+    monkeypatch.setattr(info_cmd.methods, "callback", noisy)
+    with warnings.catch_warnings(record=True) as quiet_seen:  # the filters the command installs end with this block
+        warnings.simplefilter("always")
+        quiet = CliRunner().invoke(cli, ["methods"])
+    with warnings.catch_warnings(record=True) as loud_seen:
+        warnings.simplefilter("always")
+        loud = CliRunner().invoke(cli, ["-v", "methods"])
+    assert quiet.exit_code == 0 and loud.exit_code == 0
+    assert quiet_seen == []
+    assert {w.category for w in loud_seen} == {FutureWarning, DeprecationWarning}
