@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from .errors import CombllamaError
 from .methods import METHODS, Budget, get_method
 from .model import TokenizerInfo
+from .prompt import defuse_document
 
 BATCH_CHARS = 2_000_000  # characters tokenized per batch call: bounds the tokenizer's transient memory
 
@@ -80,11 +81,18 @@ def _pieces(tokenizer, text: str, starts: list[int]) -> list[tuple[int, int, int
 
 
 def _lengths(tokenizer, texts: list[str]) -> list[int]:
+    # Counted as tokenize_document encodes: delimiters defused, special-token look-alikes spelled out.
+    texts = [defuse_document(t) for t in texts]
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:  # no Python lists of ids; the _fast variant also skips offsets (~10% faster)
+    if backend is not None and hasattr(backend, "encode_special_tokens"):
+        # No Python lists of ids; the _fast variant also skips offsets (~10% faster).
         encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-        return [len(e) for e in encode(texts, add_special_tokens=False)]
-    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        before, backend.encode_special_tokens = backend.encode_special_tokens, True
+        try:
+            return [len(e) for e in encode(texts, add_special_tokens=False)]
+        finally:
+            backend.encode_special_tokens = before
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]]
 
 
 def count_document(tokenizer, document, batch_chars: int = BATCH_CHARS) -> DocumentCount:

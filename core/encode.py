@@ -22,7 +22,7 @@ from .memory.store import MemoryStore, check_name, name_from
 from .methods.base import Method
 from .model import LoadedModel
 from .prompt import DEFAULT_SYSTEM, memory_prefix_ids
-from .tokenize import Chunk, plan_chunks, tokenize_document
+from .tokenize import Chunk, ids_sha256, plan_chunks, tokenize_document
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,10 @@ def plan_memory(loaded: LoadedModel, document, method: Method, config: EncodeCon
         "kv_dtype": str(loaded.dtype).removeprefix("torch."),
         "method": {"name": method.name, "version": method.version, "params": method.params()},
         "chunking": {"chunk_tokens": config.chunk_tokens, "reserve": config.reserve},
-        "prompt": {"system_sha256": hashlib.sha256(config.system.encode()).hexdigest(), "prefix_tokens": n_prefix},
+        # prefix_sha256 puts the whole framing (template, system text, DOC_OPEN) into the content key: a
+        # memory encoded under another framing is re-encoded, never reused.
+        "prompt": {"system_sha256": hashlib.sha256(config.system.encode()).hexdigest(), "prefix_tokens": n_prefix,
+                   "prefix_sha256": ids_sha256(prefix)},
         "source": {"name": document.name, "kind": document.kind, "sha256": document.sha256,
                    "doc_tokens": len(tok.ids), "doc_start": a, "doc_end": b,
                    "skipped": [s.to_dict() for s in document.skipped][:1000], "warnings": document.warnings[:1000]},

@@ -6,6 +6,7 @@ import hashlib
 from dataclasses import dataclass
 
 from .errors import BadInputError
+from .prompt import defuse_document
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,10 @@ def ids_sha256(ids) -> str:
 def tokenize_document(tokenizer, text: str) -> TokenizedDocument:
     if not text.strip():
         raise BadInputError("the document has no text")
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    # Document text is data: '<|im_start|>' in it is spelled out in ordinary tokens, never the control
+    # token (split_special_tokens), and our own delimiters in it are defused (same length: offsets hold).
+    enc = tokenizer(defuse_document(text), add_special_tokens=False, return_offsets_mapping=True, verbose=False,
+                    split_special_tokens=True)
     ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
     line_starts = frozenset(i for i, (a, _) in enumerate(offsets) if a > 0 and text[a - 1] == "\n")
     return TokenizedDocument(ids, offsets, line_starts)

@@ -10,7 +10,7 @@ A memory is a bundle directory:
 
 Manifest fields: format, format_version, min_reader_version, required_features, created_by,
 created_at, name, model {fingerprint, name, n_layers, n_kv_heads, head_dim, window}, kv_dtype,
-method {name, version, params}, chunking {chunk_tokens}, prompt {system_sha256, prefix_tokens},
+method {name, version, params}, chunking {chunk_tokens}, prompt {system_sha256, prefix_tokens, prefix_sha256},
 source {name, kind, sha256, doc_tokens, doc_start, doc_end, skipped, warnings}, content_key,
 positions {logical_length, layout}, tokens {file, sha256, count}, chunks [{seq, start, end,
 tokens_sha256, source, file, bytes, sha256, tensors {name: [dtype, shape]}}], ingest {state, next_seq,
