@@ -7,7 +7,9 @@ the live area. A reply taller than the screen therefore never duplicates lines i
 is throttled to at most 20 per second and slows down when rendering gets slow.
 
 Every piece of model text goes through `render.safe` before it can reach a terminal. Besides
-render.py, the one module that imports rich (for the answer, which lives on stdout).
+render.py, the one module that imports rich (for the answer, which lives on stdout). Links are
+shown as `text (target)`, never as OSC 8 hyperlinks whose target hides behind the text, and an image is
+its alt text: a terminal app fetches nothing a document or the model names.
 """
 from __future__ import annotations
 
@@ -70,7 +72,7 @@ class MarkdownStream:
 
         buf = io.StringIO()
         Console(file=buf, force_terminal=True, width=self.console.width, color_system=self.console.color_system,
-                highlight=False).print(Markdown(safe(text)))
+                highlight=False).print(Markdown(safe(text), hyperlinks=False))
         return buf.getvalue().splitlines(keepends=True)
 
     def update(self, text: str, final: bool = False) -> None:
