@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--device", default="cpu")
     run.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
     run.add_argument("--limit", type=int, default=None, help="at most N cases per task")
+    run.add_argument("--chunk-tokens", type=int, default=512, help="ingest chunk size of combllama methods")
     run.add_argument("--size", action="append", default=[], metavar="KEY=VALUE",
                      help="full-suite size override, repeatable (e.g. passkey_lengths=1024,4096 long_texts=1)")
     run.add_argument("--out", required=True, help="results folder, e.g. evals/results/NAME")
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = GridConfig(methods=split_methods(args.methods), budgets=tuple(float(b) for b in _csv(args.budgets)),
                          tasks=_csv(args.tasks), suite=args.suite, model=args.model, device=args.device, dtype=args.dtype,
-                         limit=args.limit, full_suite=parse_sizes(args.size, FullSuite()))
+                         limit=args.limit, chunk_tokens=args.chunk_tokens, full_suite=parse_sizes(args.size, FullSuite()))
         result = run_grid(cfg, log)
     except CombllamaError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -33,6 +33,7 @@ class GridConfig:
     device: str = "cpu"
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA (core.model.ModelSpec)
     limit: int | None = None  # at most this many cases per task (quick looks)
+    chunk_tokens: int = 512  # ingest chunk size for combllama methods (kvcompose budgets each chunk)
     full_suite: FullSuite = field(default_factory=FullSuite)
 
     def __post_init__(self) -> None:
@@ -221,7 +222,7 @@ def run_grid(cfg: GridConfig, log: Callable[[str], None] = lambda s: None, loade
         for b in cfg.budgets:
             for p in prepared:
                 if p.case.task in want:
-                    rows.append(score(run_case(loaded, p, m, b, with_cite), p.case, loaded.tokenizer))
+                    rows.append(score(run_case(loaded, p, m, b, with_cite, cfg.chunk_tokens), p.case, loaded.tokenizer))
             log(f"{m} @ {b}: done ({time.perf_counter() - t0:.0f} s)")
     peers = [m.removeprefix(kvpress_peer.PREFIX) for m in cfg.methods if m.startswith(kvpress_peer.PREFIX)]
     peer_meta = None
@@ -246,7 +247,7 @@ def run_grid(cfg: GridConfig, log: Callable[[str], None] = lambda s: None, loade
                   "dtype": str(loaded.dtype).removeprefix("torch."), "device": str(loaded.device),
                   "window": loaded.window, "kv_shape": list(loaded.kv_shape)},
         "config": {"methods": list(cfg.methods), "budgets": list(cfg.budgets), "tasks": list(cfg.tasks),
-                   "suite": cfg.suite, "limit": cfg.limit,
+                   "suite": cfg.suite, "limit": cfg.limit, "chunk_tokens": cfg.chunk_tokens,
                    "full_suite": _plain(cfg.full_suite) if cfg.suite == "full" else None},
         "cases": [{"id": c.id, "task": c.task, "meta": c.meta, "answers": list(c.answers),
                    "memory_tokens": p.memory_ids.__len__(), "fits_window": p.fits} for c, p in zip(cases, prepared)],

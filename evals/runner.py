@@ -46,8 +46,8 @@ def document_of(case: Case) -> Document:
                     hashlib.sha256(case.document.encode()).hexdigest())
 
 
-def config() -> EncodeConfig:
-    return EncodeConfig(chunk_tokens=512, reserve=RESERVE)
+def config(chunk_tokens: int = 512) -> EncodeConfig:
+    return EncodeConfig(chunk_tokens=chunk_tokens, reserve=RESERVE)
 
 
 def prepare(loaded, case: Case) -> Prepared:
@@ -84,7 +84,8 @@ def kv_entries(memory) -> int:
     raise TypeError(f"cannot count the entries of a {type(memory).__name__} memory")
 
 
-def run_case(loaded, prepared: Prepared, method_name: str, fraction: float, with_citation: bool) -> dict:
+def run_case(loaded, prepared: Prepared, method_name: str, fraction: float, with_citation: bool,
+             chunk_tokens: int = 512) -> dict:
     """One (method, budget, case) cell: build the memory, measure it, score the task."""
     case = prepared.case
     L, H, _ = loaded.kv_shape
@@ -98,7 +99,7 @@ def run_case(loaded, prepared: Prepared, method_name: str, fraction: float, with
     with tempfile.TemporaryDirectory(prefix="combllama-evals-") as tmp:
         store = MemoryStore(Path(tmp))
         try:
-            result = ingest(loaded, prepared.document, method, store, name="case", config=config())
+            result = ingest(loaded, prepared.document, method, store, name="case", config=config(chunk_tokens))
         except CombllamaError as e:  # e.g. full asked for a budget < 1, or a text beyond the window
             return {**row, "status": "n/a", "reason": str(e)}
         reader = store.open(result.name)
