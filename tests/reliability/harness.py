@@ -48,6 +48,19 @@ FOUND_AND_FIXED = [
     "ingest: html.parser (Python 3.11) raised AssertionError on an unknown marked-section keyword (`<![NTITY`), "
     "which escaped the HTML extractor -> such declarations are read as text (atheris html in a CI run; "
     "fuzz/regressions/html, tests/ingest/test_load.py::test_malformed_declarations_are_read_as_text)",
+    "info --verify --json exited 0 on a damaged memory (docs/cli.md promises 6) (5b384da; reliability case 2)",
+    "memory: a manifest and chunks consistent with each other but not with the model's layers/heads/head_dim, and "
+    "out-of-range kvcompose counts/positions and hcattention codes/scales, reached torch -> typed errors before "
+    "attach (8ea20c9; cases 8, 9)",
+    "model cache and adapter files were renamed into place without fsync; the tokenizer-only cache raised "
+    "NameError when first built (c868417; case 16)",
+    "pdf: AES without the cryptography package ended in 'no page could be read' -> the install hint (54b15f2; case 21)",
+    "safezip: the entry cap was checked after zipfile had built every record (~50 MiB for 100k entries), and a NUL "
+    "in a member name let 'c1.xhtml\\0../../evil' pose as a chapter (8b21975; cases 22, 24)",
+    "prompt: '<|im_start|>' written in a document became the real control token, so a document could open a chat "
+    "turn of its own -> split_special_tokens, <document> framing, look-alike delimiters defused (82540a4; case 29)",
+    "chat rendering: Markdown links became OSC 8 hyperlinks hiding their target -> shown as 'text (url)' (ac413a9; "
+    "case 29)",
     "fuzz harness (not the product): the repo target's tree builder crashed on a self-referencing link while "
     "placing entries; fixed in fuzz/targets.py, input kept in fuzz/regressions/repo",
 ]
