@@ -3,10 +3,9 @@ core.cite (ranking chunks by the attention share the answer paid them); when cor
 module the task reports "unavailable" instead of a number."""
 from __future__ import annotations
 
-from ..core.errors import BadInputError
-
 import importlib
 
+from ..core.errors import BadInputError
 from ..core.tokenize import tokenize_document
 
 

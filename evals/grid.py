@@ -273,6 +273,9 @@ def merge(results: list[dict]) -> dict:
     for r in results[1:]:
         if r["model"]["fingerprint"] != first["model"]["fingerprint"]:
             raise BadInputError("cannot merge results of different models")
+        if (r["model"].get("dtype"), r["config"].get("chunk_tokens", 512)) != (
+                first["model"].get("dtype"), first["config"].get("chunk_tokens", 512)):
+            raise BadInputError("cannot merge results of another dtype or --chunk-tokens (rows would be mislabeled)")
         if [c["id"] for c in r["cases"]] != [c["id"] for c in first["cases"]]:
             raise BadInputError("cannot merge results over different cases (same --suite and --size needed)")
     rows = {}

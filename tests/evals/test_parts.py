@@ -97,6 +97,10 @@ def test_merge_joins_pieces_of_one_grid_and_refuses_mismatches():
     assert sum(r["fidelity"]["top1"] for r in merge([a, rerun])["rows"] if r["method"] == "truncate") == 6
     with pytest.raises(BadInputError, match="different models"):
         merge([a, _piece(["x"], [], fp="fp2")])
+    other_chunks = _piece(["x"], [])
+    other_chunks["config"]["chunk_tokens"] = 4096
+    with pytest.raises(BadInputError, match="chunk-tokens"):
+        merge([a, other_chunks])
     with pytest.raises(BadInputError, match="different cases"):
         merge([a, _piece(["x"], [], cases=("a",))])
 
