@@ -121,7 +121,7 @@ def ingest(model, ids: list[int], params: dict, chunk_tokens: int):
     g = c.head_dim // enc.sub_dim
     manifest = {"name": "bench", "tokens": {"count": n}, "positions": {"logical_length": n},
                 "chunks": [{"tensors": {"codebooks": ["F32", [c.num_hidden_layers, c.num_key_value_heads, g,
-                                                                o.centroids, enc.sub_dim]],
+                                                                enc.layout.centroids, enc.sub_dim]],
                                         "v": ["I8" if o.value_bits == 8 else "BF16", []]}}]}
 
     def blocks():
@@ -359,7 +359,8 @@ def main(argv=None) -> int:
                      "peak_gpu_gib": gpu_peak_gib(dev), "host_rss_gib": round(host_now_gib(), 2)}
     log(f"  ingest {res['ingest']}")
     acc = accounting(a.tokens, shape["num_hidden_layers"], shape["num_key_value_heads"], shape["head_dim"],
-                     enc.sub_dim, 256, 4, 128, a.exact_keys, a.value_bits)
+                     enc.sub_dim, enc.layout.centroids, 4, enc.layout.recent, a.exact_keys, a.value_bits,
+                     enc.o.outliers)
     res["accounting_formula"] = acc
     for transfer in a.transfers.split(","):
         gpu_reset(dev)

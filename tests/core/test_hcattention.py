@@ -197,10 +197,24 @@ def test_read_path_with_approximate_weights_and_several_queries():
 def test_default_settings_keep_the_device_share_at_most_one_eighth(shape, tokens):
     L, H, D = shape
     o = hc_method.HCAttentionOptions()
-    d = hc_method.auto_sub_dim(0.125, tokens, L, H, D, o)
-    acc = accounting(tokens, L, H, D, d, o.centroids, o.sinks, o.recent)
+    lay = hc_method.plan_layout(0.125, tokens, L, H, D, o)
+    acc = accounting(tokens, L, H, D, lay.sub_dim, lay.centroids, o.sinks, lay.recent, outliers=o.outliers)
+    assert acc["device_share"] <= 0.125 and acc["outliers"] > 0
+    # g = D/4 one-byte codes: 6.25% of the KV, the rest for codebooks, outliers and the exact window
+    assert lay.sub_dim == 4 and lay.recent == o.recent
+
+
+@pytest.mark.parametrize("tokens", [1000, 4000, 7000])
+def test_short_documents_get_fine_codes_within_the_budget(tokens):
+    """SmolLM2 geometry at the harness's lengths: the planner trades centroids and recent window (not code
+    width) for the budget, and the chosen layout fits it."""
+    o = hc_method.HCAttentionOptions()
+    lay = hc_method.plan_layout(0.125, tokens, 30, 3, 64, o)
+    assert lay.sub_dim <= hc_method.FINE_SUB_DIM
+    acc = accounting(tokens, 30, 3, 64, lay.sub_dim, lay.centroids, o.sinks, lay.recent, outliers=o.outliers)
     assert acc["device_share"] <= 0.125
-    assert d == 4  # g = D/4 one-byte codes: 6.25% of the KV, the rest for codebooks and the exact window
+    assert hc_method.plan_layout(0.125, tokens, 30, 3, 64, o, lay.sub_dim, lay.centroids) == lay  # attach agrees
+    assert hc_method.plan_layout(1e-6, tokens, 30, 3, 64, o).sub_dim == 16  # nothing fits: the coarsest
 
 
 def test_resource_check_names_what_to_change(monkeypatch):
@@ -218,13 +232,18 @@ def test_options_are_validated():
 
 # --- encode → disk → attach ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("params", [{"transfer": "gather"}, {"transfer": "host", "prefill": "exact"}])
-def test_tau_one_reproduces_full_logits_and_answer(tiny, sample_doc, store, params):
+@pytest.mark.parametrize("params,books_at", [({"transfer": "gather"}, -1),
+                                             ({"transfer": "host", "prefill": "exact", "calib_span": 64}, 1)])
+def test_tau_one_reproduces_full_logits_and_answer(tiny, sample_doc, store, params, books_at):
     _, full = _memory(tiny, sample_doc, store, "full")
     reader, hc = _memory(tiny, sample_doc, store, "hcattention",
                          {"tau": 1.0, "recent": 8, "calib_tokens": 64, **params})
     assert hc.logical_length == full.logical_length and hc.lengths == [0] * len(hc.lengths)
-    assert "codebooks" in reader.manifest["chunks"][1]["tensors"]  # 64 calibration tokens: the 2nd chunk
+    # the calibration sample spans the whole memory (codebooks in the last chunk) or its first 64 tokens
+    # (48-token chunks: the 2nd chunk completes it); every other chunk gets its codes at attach or encode
+    chunks = reader.manifest["chunks"]
+    assert [i for i, r in enumerate(chunks) if "codebooks" in r["tensors"]] == [range(len(chunks))[books_at]]
+    assert hc.accounts["outlier_entries"] > 0
     q = turn_ids(tiny.tokenizer, QUESTION)
     ref = prefill(tiny.model, q, full.cache, full.logical_length, full.lengths[0])
     got = prefill(tiny.model, q, hc.cache, hc.logical_length, hc.lengths[0])
@@ -320,3 +339,35 @@ def test_a_memory_read_by_another_attention_is_refused(tiny, sample_doc, store):
     use_ragged_attention(tiny.model)  # what attaching a kvcompose memory afterwards does
     with pytest.raises(BadInputError, match="attach it again"):
         prefill(tiny.model, [1, 2, 3], hc.cache, hc.logical_length, 0)
+
+
+def test_outliers_score_a_needle_exactly():
+    """A key unlike every other (a needle in filler) is what coarse codes rank too low; the builder keeps the
+    worst-coded keys exact on the device, and with them τ = 0.9 reads the needle and matches exact attention."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(5)
+    H, D, N = 2, 16, 600
+    filler = torch.randn(4, D)  # a repetitive text: few distinct keys, slightly perturbed
+    keys = filler[torch.randint(0, 4, (H, N))] + 0.05 * torch.randn(H, N, D)
+    vals = torch.randn(H, N, D)
+    needle = 300
+    keys[:, needle] = torch.randn(H, D)
+    model = SimpleNamespace(config=SimpleNamespace(num_key_value_heads=H, head_dim=D, num_attention_heads=2 * H),
+                            device=torch.device("cpu"), dtype=torch.float32)
+    q = keys[:, needle][None, :, None].repeat_interleave(2, 1) * 2.0  # [1, Hq, 1, D] aimed at the needle
+    tail_k, tail_v = torch.randn(1, H, 1, D), torch.randn(1, H, 1, D)
+    scale = D ** -0.5
+    ref = _exact(q, keys, vals, tail_k, tail_v, scale)
+    outs = {}
+    for share in (0.0, 0.01):
+        o = hc_method.HCAttentionOptions(sinks=2, recent=3, outliers=share, centroids=16)
+        b = hc_method._Builder(model, [N], o, 2, 16, torch.float32, pin=False)  # 8-wide codes: coarse
+        b.set_codebooks(Q.calibrate(keys[None, :, :200], 8, 16, 10, 0))  # a calibration sample without the needle
+        b.put(0, 0, N, keys, vals)
+        store = b.finish(o)
+        if share:
+            assert (store.layers[0].out_idx == needle - 2).any(1).all()  # middle index of the needle, every head
+        outs[share] = read_layer(store, 0, q, tail_k, tail_v, scale)
+    err = {s: float((out - ref).abs().max()) for s, out in outs.items()}
+    assert err[0.01] < 0.1 * float(ref.abs().max()) < err[0.0]  # τ = 0.9 drops up to a tenth of the mass

@@ -3,20 +3,23 @@
 
 Encode: chunks prefill on top of the earlier ones (`exact`: every earlier token, = `full`; `anchor`: the
 first chunk and the previous one, Star-Attention-like, bounded device memory). Codebooks (one per layer,
-KV head and key group) are calibrated by k-means on the memory's first `calib_tokens` post-RoPE keys (or on
-calibration ids, `calibrate_on`). Stored per chunk: "k", "v" [L, H, T, D] (model dtype, or int8 with "k_scale"/
+KV head and key group) are calibrated by k-means on `calib_tokens` post-RoPE keys drawn evenly from the memory's
+first `calib_span` tokens (or on calibration ids, `calibrate_on`). Stored per chunk: "k", "v" [L, H, T, D] (model dtype, or int8 with "k_scale"/
 "v_scale" [L, H, T] float32 when value_bits=8), "codes" [L, H, T, g] once the codebooks exist, "codebooks"
 [L, H, g, c, d] float32 in the chunk that completed the calibration (earlier chunks get their codes at attach).
 Exact keys are kept on disk so a resumed ingest equals an uninterrupted one and τ=1 can be exact.
 
 Attach streams chunks into preallocated device codes and host rows (one chunk in flight, never two copies),
-after checking device and host memory. Positions are the original ones: the document must fit the window.
+after checking device and host memory. Per chunk and KV head, the `outliers` share of middle tokens whose codes
+fit their keys worst keep their exact keys on the device and are scored exactly (dense-and-sparse, as KVQuant
+does for values of a different kind): a needle in a repetitive text is such a token, and coarse codes alone
+rank it below the filler. Positions are the original ones: the document must fit the window.
 `serve` attaches a `full`, `truncate` or `kvcompose` memory the same way (codebooks calibrated at attach).
 """
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
 from ...errors import BadInputError, CorruptMemoryError, ResourceError
@@ -26,6 +29,10 @@ from .read import HostRows, Layer, Store, use_hc_attention
 
 DEFAULT_SHARE = 0.125  # GPU-resident memory / full bf16 KV cache when no --budget is given
 SUB_DIMS = (1, 2, 4, 8, 16)  # key sub-vector widths tried by sub_dim=0, finest first
+# Widths up to this one are preferred to a long recent window: 8-wide codes miss a passkey even at τ = 0.99
+# (evals/results/hcattention-passkey-probe), and shrinking the window costs less than that.
+FINE_SUB_DIM = 4
+RECENT_FLOOR = 16  # sub_dim=0 halves the recent window down to this on short documents to fit the budget
 EXACT_PREFILL_TOKENS = 32768  # prefill="auto": exact attention to every earlier chunk up to this memory size
 
 
@@ -34,7 +41,9 @@ class HCAttentionOptions(Options):
     tau: float = 0.9  # share of the approximate attention read per step (1.0: exact attention)
     sub_dim: int = 0  # key sub-vector width d (g = head_dim / d codes per key); 0: the finest that fits the budget
     centroids: int = 256  # per codebook; <= 256 → 8-bit codes
-    calib_tokens: int = 2048  # memory tokens whose keys calibrate the codebooks (8 per centroid at c=256)
+    calib_tokens: int = 4096  # memory tokens whose keys calibrate the codebooks (16 per centroid at c=256)
+    calib_span: int = 16384  # ... drawn evenly from this many first tokens (RoPE turns keys as positions grow)
+    outliers: float = 0.02  # share of middle tokens per chunk and KV head scored with exact keys on the device
     kmeans_iters: int = 8
     seed: int = 0
     sinks: int = 4  # first memory tokens kept exact on the device
@@ -52,10 +61,13 @@ class HCAttentionOptions(Options):
             raise BadInputError(f"hcattention sub_dim must be 0 (auto) or one of {SUB_DIMS}, got {self.sub_dim!r}")
         if not isinstance(self.centroids, int) or not 2 <= self.centroids <= 32768:
             raise BadInputError(f"hcattention centroids must be an integer in 2..32768, got {self.centroids!r}")
-        for name, lo in (("calib_tokens", 1), ("kmeans_iters", 1), ("seed", 0), ("sinks", 0), ("recent", 0)):
+        for name, lo in (("calib_tokens", 1), ("calib_span", 1), ("kmeans_iters", 1), ("seed", 0), ("sinks", 0),
+                         ("recent", 0)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise BadInputError(f"hcattention {name} must be an integer >= {lo}, got {v!r}")
+        if not isinstance(self.outliers, (int, float)) or isinstance(self.outliers, bool) or not 0 <= self.outliers < 1:
+            raise BadInputError(f"hcattention outliers must be a share in [0, 1), got {self.outliers!r}")
         if not isinstance(self.exact_keys, bool):
             raise BadInputError("hcattention exact_keys must be true or false")
         if self.value_bits not in (8, 16):
@@ -70,10 +82,16 @@ class HCAttentionOptions(Options):
 
 # --- accounting ------------------------------------------------------------------------------------------
 
+def outlier_count(middle: int, share: float) -> int:
+    """Exactly scored tokens of a chunk's `middle` tokens (per KV head): at least one when the share is not 0."""
+    return 0 if share <= 0 or middle <= 0 else min(middle, max(1, round(middle * share)))
+
+
 def accounting(tokens: int, layers: int, kv_heads: int, head_dim: int, sub_dim: int, centroids: int,
-               sinks: int, recent: int, exact_keys: bool = True, value_bits: int = 16) -> dict:
+               sinks: int, recent: int, exact_keys: bool = True, value_bits: int = 16, outliers: float = 0.0) -> dict:
     """Bytes of an attached memory against the full bf16 KV cache (2 × 2 bytes per key/value element).
-    Device: codes of the middle tokens, fp16 codebooks, bf16 sinks + recent window. Host: values (+ keys)."""
+    Device: codes of the middle tokens, fp16 codebooks, bf16 sinks + recent window, outliers' bf16 keys and
+    int64 indices. Host: values (+ keys)."""
     exact = min(tokens, sinks + recent)
     mid = tokens - exact
     g = head_dim // sub_dim
@@ -81,21 +99,48 @@ def accounting(tokens: int, layers: int, kv_heads: int, head_dim: int, sub_dim: 
     codes = mid * lh * g * (1 if centroids <= 256 else 2)
     codebooks = lh * g * centroids * sub_dim * 2
     resident = exact * lh * head_dim * 2 * 2
+    outlier = round(mid * outliers) * lh * (head_dim * 2 + 8)
     row = head_dim * 2 if value_bits == 16 else head_dim + 4
     host = mid * lh * row * (2 if exact_keys else 1)
     full = tokens * lh * head_dim * 2 * 2
-    device = codes + codebooks + resident
+    device = codes + codebooks + resident + outlier
     return {"full_bf16": full, "codes": codes, "codebooks": codebooks, "exact_window": resident,
-            "device": device, "host": host, "device_share": device / full if full else 0.0}
+            "outliers": outlier, "device": device, "host": host, "device_share": device / full if full else 0.0}
 
 
-def auto_sub_dim(target: float, tokens: int, layers: int, kv_heads: int, head_dim: int, o: HCAttentionOptions) -> int:
-    """The finest sub-vector width whose device share fits `target` (the coarsest if none does)."""
-    widths = [d for d in SUB_DIMS if head_dim % d == 0]
-    for d in widths:
-        if accounting(tokens, layers, kv_heads, head_dim, d, o.centroids, o.sinks, o.recent)["device_share"] <= target:
-            return d
-    return widths[-1]
+@dataclass(frozen=True)
+class Layout:
+    """The code geometry of one memory: key sub-vector width, centroids per codebook, recent window."""
+
+    sub_dim: int
+    centroids: int
+    recent: int
+
+
+def _halvings(top: int, floor: int) -> list[int]:
+    out = [top]
+    while out[-1] // 2 >= floor and out[-1] > floor:
+        out.append(out[-1] // 2)
+    return out
+
+
+def plan_layout(target: float, tokens: int, layers: int, kv_heads: int, head_dim: int, o: HCAttentionOptions,
+                sub_dim: int | None = None, centroids: int | None = None) -> Layout:
+    """The most faithful layout whose device share fits `target` (sub_dim=0). Fine codes (width <= FINE_SUB_DIM)
+    come first, then the recent window (halved down to RECENT_FLOOR), then centroids (halved down to a quarter);
+    only if no fine layout fits are coarser widths tried. With sub_dim and centroids given (from a memory's
+    codebooks) only the window is planned. If nothing fits: the coarsest layout."""
+    widths = [d for d in SUB_DIMS if head_dim % d == 0] if sub_dim is None else [sub_dim]
+    cents = _halvings(o.centroids, max(2, o.centroids // 4)) if centroids is None else [centroids]
+    recents = _halvings(o.recent, min(o.recent, RECENT_FLOOR))
+    fine = [d for d in widths if d <= FINE_SUB_DIM]
+    order = [(d, c, r) for r in recents for d in fine for c in cents]
+    order += [(d, c, r) for d in widths if d > FINE_SUB_DIM for r in recents for c in cents]
+    for d, c, r in order:
+        share = accounting(tokens, layers, kv_heads, head_dim, d, c, o.sinks, r, outliers=o.outliers)["device_share"]
+        if share <= target:
+            return Layout(d, c, r)
+    return Layout(widths[-1], cents[-1], recents[-1])
 
 
 def _gib(n: float) -> str:
@@ -202,8 +247,10 @@ class _Builder:
                 "res_k": torch.empty(self.H, m, self.D, dtype=self.dtype, device=self.dev),
                 "res_v": torch.empty(self.H, m, self.D, dtype=self.dtype, device=self.dev),
                 "mid_valid": None, "res_valid": None})
+        self.outliers: list[tuple[list, list]] = [([], []) for _ in lengths]  # per layer: index and key pieces
         self.codebooks = None  # [L, H, g, c, d] fp16 on the device
-        self.pending: list[tuple[int, int, int, Any]] = []  # (layer, a, b, exact keys [H, b-a, D]) awaiting codebooks
+        # (layer, a, b, exact keys [H, b-a, D] in the model dtype, codes or None) awaiting codebooks
+        self.pending: list[tuple[int, int, int, Any, Any]] = []
 
     def put(self, li: int, a: int, b: int, k, v, k_scale=None, v_scale=None, codes=None, valid=None) -> None:
         """Tokens [a, b) of layer li: k/v [H, b-a, D] as stored (int8 with scales [H, b-a], or float), codes
@@ -233,11 +280,12 @@ class _Builder:
                     rows.data[:, lo - s:hi - s] = x[:, lo - a:hi - a]
                     if sc is not None:
                         rows.scale[:, lo - s:hi - s] = sc[:, lo - a:hi - a]
-            if codes is not None:
-                lay["codes"][:, lo - s:hi - s] = codes[:, lo - a:hi - a].to(self.dev)
-            else:
-                kx = quant.dequantize_rows(k[:, lo - a:hi - a], None if k_scale is None else k_scale[:, lo - a:hi - a], torch.float32)
-                self.pending.append((li, lo, hi, kx))
+            kx = quant.dequantize_rows(k[:, lo - a:hi - a], None if k_scale is None else k_scale[:, lo - a:hi - a],
+                                       self.dtype)
+            cx = None if codes is None else codes[:, lo - a:hi - a].to(self.dev)
+            if cx is not None:
+                lay["codes"][:, lo - s:hi - s] = cx
+            self.pending.append((li, lo, hi, kx, cx))
         if valid is not None and not bool(valid.all()):
             for name, full_len, (x0, x1) in (("mid_valid", e - s, (lo, hi)),):
                 if lay[name] is None:
@@ -258,31 +306,52 @@ class _Builder:
         self.flush()
 
     def flush(self) -> None:
-        """Assign codes to ranges that arrived before the codebooks."""
+        """Once the codebooks exist: assign codes to ranges that arrived without them, and keep the exact keys
+        of each range's worst-coded tokens (per KV head) as its outliers."""
         if self.codebooks is None:
             return
-        s_of = lambda li: self.spans[li][0]  # noqa: E731
-        for li, lo, hi, kx in self.pending:
-            codes = quant.encode_keys(kx.to(self.dev)[None], self.codebooks[li:li + 1])[0]  # [H, hi-lo, g]
-            self.layers[li]["codes"][:, lo - s_of(li):hi - s_of(li)] = codes
+        for li, lo, hi, kx, codes in self.pending:
+            s = self.spans[li][0]
+            kx = kx.to(self.dev)
+            if codes is None:
+                codes = quant.encode_keys(kx[None], self.codebooks[li:li + 1])[0]  # [H, hi-lo, g]
+                self.layers[li]["codes"][:, lo - s:hi - s] = codes
+            m = outlier_count(hi - lo, self.o.outliers)
+            if m:
+                err = (quant.decode_keys(codes, self.codebooks[li]) - kx.float()).square_().sum(-1)  # [H, hi-lo]
+                valid = self.layers[li]["mid_valid"]
+                if valid is not None:
+                    err.masked_fill_(~valid[:, lo - s:hi - s], -1.0)  # padding is never an outlier
+                top = err.topk(m, -1).indices  # [H, m]
+                self.outliers[li][0].append(top + (lo - s))
+                self.outliers[li][1].append(kx.gather(1, top[..., None].expand(-1, -1, kx.shape[-1])))
         self.pending = []
 
     def finish(self, o: HCAttentionOptions) -> Store:
         if self.pending or self.codebooks is None:
             raise CorruptMemoryError("hcattention memory holds no codebooks (calibration chunk missing)")
-        layers = [Layer(codebooks=self.codebooks[i], **lay) for i, lay in enumerate(self.layers)]
+        import torch
+
+        layers = []
+        for i, lay in enumerate(self.layers):
+            idx, keys = self.outliers[i]
+            out = {"out_idx": torch.cat(idx, 1), "out_k": torch.cat(keys, 1)} if idx else {}
+            layers.append(Layer(codebooks=self.codebooks[i], **lay, **out))
         return Store(layers, o.tau, o.transfer, o.exact_keys, self.dtype)
 
 
 def _device_needs(lengths, H, D, G, g, centroids, o, dtype_bytes) -> dict:
     """Device bytes to allocate (and the largest per-layer selection workspace)."""
     code_b = 1 if centroids <= 256 else 2
-    codes = sum(max(0, N - min(o.sinks, N) - o.recent) for N in lengths) * H * g * code_b
+    mids = [max(0, N - min(o.sinks, N) - o.recent) for N in lengths]
+    codes = sum(mids) * H * g * code_b
     exact = sum(min(N, o.sinks + o.recent) for N in lengths) * H * D * 2 * dtype_bytes
     codebooks = len(lengths) * H * g * centroids * (D // g) * 2
+    outliers = sum(round(n * o.outliers) for n in mids) * H * (D * dtype_bytes + 8)
     # selection of one layer at decode: logits, probabilities, sort values + int64 order, masks
     workspace = max(lengths) * H * G * 28
-    return {"key codes": codes, "codebooks": codebooks, "exact sinks+recent": exact, "selection workspace": workspace}
+    return {"key codes": codes, "codebooks": codebooks, "exact sinks+recent": exact, "outlier keys": outliers,
+            "selection workspace": workspace}
 
 
 # --- encode ------------------------------------------------------------------------------------------------
@@ -293,13 +362,16 @@ class HCEncoder(Encoder):
         self.model, self.o = model, method.options
         self.L, self.H = c.num_hidden_layers, c.num_key_value_heads
         self.D = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        self.sub_dim = method.sub_dim_for(total_tokens, self.L, self.H, self.D)
+        self.layout = method.layout_for(total_tokens, self.L, self.H, self.D)
+        self.sub_dim = self.layout.sub_dim
         o = self.o
         self.mode = o.prefill if o.prefill != "auto" else ("exact" if total_tokens <= EXACT_PREFILL_TOKENS else "anchor")
         self.cache = make_cache([])
         self.anchor: tuple | None = None  # anchor mode: first chunk's (k, v) [L, H, T, D]
         self.prev: tuple | None = None
-        self.target = min(o.calib_tokens, total_tokens)
+        # the calibration sample: every stride-th token of the first `span` (the chunk reaching `span` calibrates)
+        self.span = min(o.calib_span, total_tokens)
+        self.stride = max(1, -(-self.span // o.calib_tokens))
         self.calib: list = []
         self.codebooks = None
         self.emit_codebooks = False
@@ -319,7 +391,17 @@ class HCEncoder(Encoder):
             prefill(self.model, ids[a:a + step], cache, a)
         with torch.inference_mode():
             keys = torch.stack([cache.layers[i].keys[0] for i in range(self.L)])  # [L, H, T, D]
-            return quant.calibrate(keys, self.sub_dim, self.o.centroids, self.o.kmeans_iters, self.o.seed)
+            return self._calibrate(keys)
+
+    def _calibrate(self, keys):
+        return quant.calibrate(keys, self.sub_dim, self.layout.centroids, self.o.kmeans_iters, self.o.seed)
+
+    def _sample(self, k, start: int) -> None:
+        """Keep this chunk's calibration tokens (positions in the span that are multiples of the stride)."""
+        first = -(-start // self.stride) * self.stride
+        end = min(start + k.shape[2], self.span)
+        if first < end:
+            self.calib.append(k[:, :, first - start:end - start:self.stride])
 
     def _stored(self, k, v) -> dict:
         if self.o.value_bits == 16:
@@ -365,7 +447,7 @@ class HCEncoder(Encoder):
         v = torch.stack([cache.layers[i].values[0, :, -T:] for i in range(self.L)])
         return k, v
 
-    def _codes(self, k) -> dict:
+    def _codes(self, k, start: int) -> dict:
         import torch
 
         if self.codebooks is not None:
@@ -373,12 +455,11 @@ class HCEncoder(Encoder):
             if self.emit_codebooks:
                 out["codebooks"], self.emit_codebooks = self.codebooks.float().cpu(), False
             return out
-        self.calib.append(k)
-        if sum(x.shape[2] for x in self.calib) < self.target:
+        self._sample(k, start)
+        if start + k.shape[2] < self.span:
             return {}
-        keys = torch.cat(self.calib, 2)[:, :, :self.target]
-        self.codebooks = quant.calibrate(keys, self.sub_dim, self.o.centroids, self.o.kmeans_iters, self.o.seed)
-        self.calib = []
+        keys = torch.cat(self.calib, 2)[:, :, :self.o.calib_tokens]
+        self.codebooks, self.calib = self._calibrate(keys), []
         return {"codebooks": self.codebooks.float().cpu()}
 
     def restore(self, chunk, tensors):
@@ -390,7 +471,7 @@ class HCEncoder(Encoder):
             if "codebooks" in tensors:
                 self.codebooks, self.calib, self.emit_codebooks = tensors["codebooks"].to(self.model.device), [], False
             elif self.codebooks is None:
-                self.calib.append(k)
+                self._sample(k, chunk.start)
 
     def encode(self, chunk):
         import torch
@@ -400,7 +481,7 @@ class HCEncoder(Encoder):
             out = {name: t.cpu() for name, t in self._stored(k, v).items()}
             k, v = self._roundtrip(out)
             self._remember(k, v, fresh=True)
-            out.update(self._codes(k))
+            out.update(self._codes(k, chunk.start))
         return out
 
 
@@ -418,8 +499,6 @@ class HCAttention(Method):
 
     def calibrate_on(self, ids: list[int]) -> "HCAttention":
         """Calibrate codebooks on these token ids (a calibration text) instead of the document."""
-        from dataclasses import replace
-
         sha = hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
         self.options = replace(self.options, calibration=f"ids:{sha}")
         self.calibration_ids = list(ids)
@@ -432,12 +511,17 @@ class HCAttention(Method):
             return self.budget.fraction
         return min(1.0, self.budget.tokens / max(1, total_tokens))
 
-    def sub_dim_for(self, total_tokens: int, layers: int, kv_heads: int, head_dim: int) -> int:
-        if self.options.sub_dim:
-            if head_dim % self.options.sub_dim:
-                raise BadInputError(f"hcattention sub_dim {self.options.sub_dim} does not divide head_dim {head_dim}")
-            return self.options.sub_dim
-        return auto_sub_dim(self.target_share(total_tokens), total_tokens, layers, kv_heads, head_dim, self.options)
+    def layout_for(self, total_tokens: int, layers: int, kv_heads: int, head_dim: int,
+                   sub_dim: int | None = None, centroids: int | None = None) -> Layout:
+        """The options as given when sub_dim is set; else planned to the budget (plan_layout). Attach passes
+        the sub_dim and centroids of the memory's codebooks, so only the recent window is planned there."""
+        o = self.options
+        if o.sub_dim:
+            if head_dim % o.sub_dim:
+                raise BadInputError(f"hcattention sub_dim {o.sub_dim} does not divide head_dim {head_dim}")
+            return Layout(o.sub_dim, o.centroids if centroids is None else centroids, o.recent)
+        return plan_layout(self.target_share(total_tokens), total_tokens, layers, kv_heads, head_dim, o,
+                           sub_dim, centroids)
 
     def select(self, n_prefix, n_doc, window, reserve):
         if n_prefix + n_doc + reserve > window:
@@ -538,7 +622,10 @@ class HCAttention(Method):
         _, _, g, centroids, _ = specs["codebooks"][1]
         N = manifest["tokens"]["count"]
         host_dtype = torch.int8 if specs["v"][0] == "I8" else model.dtype
-        builder = _new_builder(model, [N] * L, self.options, g, centroids, host_dtype)
+        D = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        recent = self.layout_for(N, L, c.num_key_value_heads, D, D // g, centroids).recent
+        options = replace(self.options, recent=recent)
+        builder = _new_builder(model, [N] * L, options, g, centroids, host_dtype)
         spans = []
         for record, t in blocks:
             if not t:
@@ -552,7 +639,7 @@ class HCAttention(Method):
             if "codebooks" in t:
                 builder.set_codebooks(t["codebooks"])
             del t  # one chunk in flight
-        return _finish(model, builder, self.options, manifest["positions"]["logical_length"], spans)
+        return _finish(model, builder, options, manifest["positions"]["logical_length"], spans)
 
 
 def _new_builder(model, lengths, o, g, centroids, host_dtype) -> _Builder:
@@ -574,18 +661,21 @@ def _finish(model, builder: _Builder, o, logical: int, spans) -> HCMemory:
     store = builder.finish(o)
     c = model.config
     L, H, D = len(store.layers), builder.H, builder.D
-    dev = {"codes": 0, "codebooks": 0, "exact": 0}
+    dev = {"codes": 0, "codebooks": 0, "exact": 0, "outliers": 0}
     for lay in store.layers:
         for k, v in lay.device_bytes().items():
             dev[k] += v
     entries = sum(builder.lengths) * H
     exact_entries = sum(lay.res_k.shape[1] for lay in store.layers) * H
-    # device share in bf16 terms: codes and fp16 codebooks as they are, exact entries at 2 bytes per element
-    device_bf16 = dev["codes"] + dev["codebooks"] + exact_entries * D * 2 * 2
+    outlier_entries = sum(0 if lay.out_idx is None else lay.out_idx.numel() for lay in store.layers)
+    # device share in bf16 terms: codes and fp16 codebooks as they are, exact entries at 2 bytes per element,
+    # outliers as a bf16 key and an int64 index each
+    device_bf16 = dev["codes"] + dev["codebooks"] + exact_entries * D * 2 * 2 + outlier_entries * (D * 2 + 8)
     host = sum(lay.host_v.nbytes + (lay.host_k.nbytes if lay.host_k is not None else 0) for lay in store.layers)
     accounts = {"entries": entries, "full_bf16": entries * D * 2 * 2, "device": device_bf16, **dev, "host": host,
                 "device_share": device_bf16 / max(1, entries * D * 4),
-                "sub_dim": store.layers[0].codebooks.shape[-1], "centroids": store.layers[0].codebooks.shape[-2]}
+                "sub_dim": store.layers[0].codebooks.shape[-1], "centroids": store.layers[0].codebooks.shape[-2],
+                "recent": o.recent, "outlier_entries": outlier_entries}
     use_hc_attention(model)
     cache = _hc_cache(L, H, D, model.device, model.dtype, store)
     return HCMemory(cache, logical, [0] * c.num_hidden_layers, spans, store=store, accounts=accounts)
@@ -645,7 +735,8 @@ def _layers_of(model, manifest, blocks):
 def serve(model, manifest: dict, blocks: Iterable[tuple[dict, dict]],
           options: HCAttentionOptions = HCAttentionOptions(), budget_share: float = DEFAULT_SHARE) -> HCMemory:
     """Attach a `full`, `truncate` or `kvcompose` memory the HCAttention way: codebooks calibrated at attach
-    (per layer, on its first calib_tokens keys), codes and exact window on the device, rows in host memory."""
+    (per layer, on calib_tokens keys spread over its first calib_span), codes, outliers and exact window on the
+    device, rows in host memory."""
     import torch
 
     from .. import from_manifest
@@ -656,12 +747,20 @@ def serve(model, manifest: dict, blocks: Iterable[tuple[dict, dict]],
     c = model.config
     H, D = c.num_key_value_heads, layers[0][0].shape[-1]
     lengths = [k.shape[1] for k, _, _ in layers]
-    d = options.sub_dim or auto_sub_dim(budget_share, sum(lengths) // len(lengths), len(layers), H, D, options)
+    tokens = sum(lengths) // len(lengths)
+    if options.sub_dim:
+        layout = Layout(options.sub_dim, options.centroids, options.recent)
+    else:
+        layout = plan_layout(budget_share, tokens, len(layers), H, D, options)
+    options = replace(options, recent=layout.recent)
+    d, centroids = layout.sub_dim, layout.centroids
     host_dtype = torch.int8 if options.value_bits == 8 else model.dtype
-    builder = _new_builder(model, lengths, options, D // d, options.centroids, host_dtype)
+    builder = _new_builder(model, lengths, options, D // d, centroids, host_dtype)
+    stride = max(1, -(-min(options.calib_span, tokens) // options.calib_tokens))
     with torch.inference_mode():
-        books = [quant.calibrate(k[:, :options.calib_tokens].to(model.device)[None], d, options.centroids,
-                                 options.kmeans_iters, options.seed)[0] for k, _, _ in layers]  # [H, g, c, d] each
+        books = [quant.calibrate(k[:, :options.calib_span:stride][:, :options.calib_tokens].to(model.device)[None],
+                                 d, centroids, options.kmeans_iters, options.seed)[0]
+                 for k, _, _ in layers]  # [H, g, c, d] each
         builder.set_codebooks(torch.stack(books))
         for li, (k, v, valid) in enumerate(layers):
             builder.put(li, 0, k.shape[1], k, v, valid=valid)

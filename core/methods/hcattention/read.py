@@ -55,7 +55,9 @@ class HostRows:
 class Layer:
     """One layer of an attached memory. Middle tokens (selectable): codes [H, n, g] and codebooks [H, g, c, d]
     on the device, host_k/host_v rows in host memory, mid_valid [H, n] bool | None (False: padding of a
-    shorter head). Resident exact tokens: res_k/res_v [H, m, D] on the device, res_valid [H, m] | None."""
+    shorter head). Resident exact tokens: res_k/res_v [H, m, D] on the device, res_valid [H, m] | None.
+    Outliers: out_idx [H, o] int64 middle indices whose exact keys out_k [H, o, D] are on the device (their
+    selection scores are exact, not looked up)."""
 
     codes: Any
     codebooks: Any
@@ -65,11 +67,14 @@ class Layer:
     res_v: Any
     mid_valid: Any = None
     res_valid: Any = None
+    out_idx: Any = None
+    out_k: Any = None
 
     def device_bytes(self) -> dict:
         b = lambda t: 0 if t is None else t.numel() * t.element_size()  # noqa: E731
         return {"codes": b(self.codes), "codebooks": b(self.codebooks),
-                "exact": b(self.res_k) + b(self.res_v) + b(self.mid_valid) + b(self.res_valid)}
+                "exact": b(self.res_k) + b(self.res_v) + b(self.mid_valid) + b(self.res_valid),
+                "outliers": b(self.out_idx) + b(self.out_k)}
 
 
 @dataclass
@@ -266,6 +271,9 @@ def read_layer(store: Store, li: int, query, key, value, scaling: float):
         return out.reshape(H, G, q, D).reshape(Hq, q, D).transpose(0, 1)[None].to(query.dtype)
 
     approx = approx_logits(Q, lay.codebooks, lay.codes) * scaling  # [H, R, n]
+    if lay.out_idx is not None:  # the worst-coded tokens are scored with their exact keys
+        o = lay.out_idx.shape[1]
+        approx.scatter_(2, lay.out_idx[:, None, :].expand(H, R, o), (Q @ lay.out_k.float().transpose(1, 2)) * scaling)
     if lay.mid_valid is not None:
         approx = approx.masked_fill(~lay.mid_valid[:, None, :], -torch.inf)
     mask = select(approx, torch.logsumexp(res_logits, -1), store.tau)
