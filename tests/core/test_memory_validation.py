@@ -425,7 +425,7 @@ def test_hcattention_codes_and_scales_out_of_range_are_refused(tiny, sample_doc,
     """Case 9 (hcattention): a key code past its codebook (it indexes a device buffer), an int8 scale of zero
     or one whose dequantized rows overflow the model's dtype, and codes of the wrong width are refused."""
     reader = _method_memory(tiny, sample_doc, store, "hcattention",
-                            {"value_bits": 8, "centroids": 16, "calib_tokens": 64, "tau": 1.0})
+                            {"value_bits": 8, "centroids": 16, "calib_tokens": 64, "calib_span": 64, "tau": 1.0})
     with_codes = next(r["seq"] for r in reader.manifest["chunks"] if "codes" in r["tensors"])
 
     def edit(rec, t):
