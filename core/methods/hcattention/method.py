@@ -32,13 +32,16 @@ SUB_DIMS = (1, 2, 4, 8, 16)  # key sub-vector widths tried by sub_dim=0, finest 
 # Widths up to this one are preferred to a long recent window: 8-wide codes miss a passkey even at τ = 0.99
 # (evals/results/hcattention-passkey-probe), and shrinking the window costs less than that.
 FINE_SUB_DIM = 4
-RECENT_FLOOR = 16  # sub_dim=0 halves the recent window down to this on short documents to fit the budget
+RECENT_FLOOR = 4  # sub_dim=0 halves the recent window down to this on short documents to fit the budget
 EXACT_PREFILL_TOKENS = 32768  # prefill="auto": exact attention to every earlier chunk up to this memory size
 
 
 @dataclass(frozen=True)
 class HCAttentionOptions(Options):
-    tau: float = 0.9  # share of the approximate attention read per step (1.0: exact attention)
+    tau: float = 0.9  # share of the attention read per step (1.0: exact attention)
+    # with exact keys: the share of the *approximate* attention read as candidates and re-scored exactly, so τ
+    # applies to exact scores (0.99 finds needles that τ over coarse codes misses; values are read for τ only)
+    candidates: float = 0.99
     sub_dim: int = 0  # key sub-vector width d (g = head_dim / d codes per key); 0: the finest that fits the budget
     centroids: int = 256  # per codebook; <= 256 → 8-bit codes
     calib_tokens: int = 4096  # memory tokens whose keys calibrate the codebooks (16 per centroid at c=256)
@@ -57,6 +60,8 @@ class HCAttentionOptions(Options):
     def __post_init__(self) -> None:
         if not isinstance(self.tau, (int, float)) or not 0 < self.tau <= 1:
             raise BadInputError(f"hcattention tau must be in (0, 1], got {self.tau!r}")
+        if not isinstance(self.candidates, (int, float)) or not 0 < self.candidates <= 1:
+            raise BadInputError(f"hcattention candidates must be in (0, 1], got {self.candidates!r}")
         if self.sub_dim not in (0, *SUB_DIMS):
             raise BadInputError(f"hcattention sub_dim must be 0 (auto) or one of {SUB_DIMS}, got {self.sub_dim!r}")
         if not isinstance(self.centroids, int) or not 2 <= self.centroids <= 32768:
@@ -127,15 +132,17 @@ def _halvings(top: int, floor: int) -> list[int]:
 def plan_layout(target: float, tokens: int, layers: int, kv_heads: int, head_dim: int, o: HCAttentionOptions,
                 sub_dim: int | None = None, centroids: int | None = None) -> Layout:
     """The most faithful layout whose device share fits `target` (sub_dim=0). Fine codes (width <= FINE_SUB_DIM)
-    come first, then the recent window (halved down to RECENT_FLOOR), then centroids (halved down to a quarter);
-    only if no fine layout fits are coarser widths tried. With sub_dim and centroids given (from a memory's
-    codebooks) only the window is planned. If nothing fits: the coarsest layout."""
+    come first; among them the most centroids, and for those the longest recent window (halved down to
+    RECENT_FLOOR); centroids are halved down to a sixteenth (on a document of a few hundred tokens the
+    codebooks cost more than the codes). Only if no fine layout fits are coarser widths tried. On the
+    harness, centroids matter more for finding a needle than the window does: at 1K tokens (4, 64, 16) finds
+    the RULER needles that (4, 32, 32) misses. With sub_dim and centroids given (from a memory's codebooks)
+    only the window is planned. If nothing fits: the coarsest layout."""
     widths = [d for d in SUB_DIMS if head_dim % d == 0] if sub_dim is None else [sub_dim]
-    cents = _halvings(o.centroids, max(2, o.centroids // 4)) if centroids is None else [centroids]
+    cents = _halvings(o.centroids, max(2, o.centroids // 16)) if centroids is None else [centroids]
     recents = _halvings(o.recent, min(o.recent, RECENT_FLOOR))
-    fine = [d for d in widths if d <= FINE_SUB_DIM]
-    order = [(d, c, r) for r in recents for d in fine for c in cents]
-    order += [(d, c, r) for d in widths if d > FINE_SUB_DIM for r in recents for c in cents]
+    order = [(d, c, r) for c in cents for r in recents for d in widths if d <= FINE_SUB_DIM]
+    order += [(d, c, r) for d in widths if d > FINE_SUB_DIM for c in cents for r in recents]
     for d, c, r in order:
         share = accounting(tokens, layers, kv_heads, head_dim, d, c, o.sinks, r, outliers=o.outliers)["device_share"]
         if share <= target:
@@ -337,7 +344,7 @@ class _Builder:
             idx, keys = self.outliers[i]
             out = {"out_idx": torch.cat(idx, 1), "out_k": torch.cat(keys, 1)} if idx else {}
             layers.append(Layer(codebooks=self.codebooks[i], **lay, **out))
-        return Store(layers, o.tau, o.transfer, o.exact_keys, self.dtype)
+        return Store(layers, o.tau, o.transfer, o.exact_keys, self.dtype, candidates=max(o.tau, o.candidates))
 
 
 def _device_needs(lengths, H, D, G, g, centroids, o, dtype_bytes) -> dict:

@@ -5,7 +5,10 @@ the exact keys/values of its first `sinks` and last `recent` tokens; in host mem
 the middle tokens' values and, with exact keys, their keys. Each step: lookup-table scores → per KV head,
 the union over its query rows of the smallest token sets holding a τ share of the approximate attention
 (resident tokens counted as kept) → those rows' keys/values either gathered to the device (async, in
-pieces) or reduced on the host (softmax partials merged by log-sum-exp). Knows nothing of files.
+pieces) or reduced on the host (softmax partials merged by log-sum-exp). With exact keys and `candidates` >
+τ the approximate scores only nominate: a `candidates` share of them is read, their exact keys re-score them,
+and the τ share of the exact attention is what the values are read for (coarse codes misjudge exactly the
+sharp, needle-like attention that matters most). Knows nothing of files.
 
 Registered with transformers' AttentionInterface as `combllama_hc`; without its `combllama_hc` kwarg it
 falls back to the ragged SDPA path, so a model switched to it still serves every other memory.
@@ -86,10 +89,11 @@ class Store:
     transfer: str  # "gather" | "host" | "auto"
     exact_keys: bool
     dtype: Any
+    candidates: float = 0.0  # > tau with exact keys: the approximate share read as candidates, then re-scored
     profile: bool = False  # synchronise around phases so `times` splits wall time (benchmarks only)
     times: dict = field(default_factory=lambda: {"selection": 0.0, "transfer": 0.0, "attention": 0.0})
-    counts: dict = field(default_factory=lambda: {"selected": 0, "selectable": 0, "steps": 0, "gather": 0,
-                                                  "host": 0})
+    counts: dict = field(default_factory=lambda: {"selected": 0, "candidates": 0, "selectable": 0, "steps": 0,
+                                                  "gather": 0, "host": 0})
     _staging: dict = field(default_factory=dict)
     _copy_event: Any = None
     _calls: int = 0  # layer reads by hc_attention
@@ -276,10 +280,12 @@ def read_layer(store: Store, li: int, query, key, value, scaling: float):
         approx.scatter_(2, lay.out_idx[:, None, :].expand(H, R, o), (Q @ lay.out_k.float().transpose(1, 2)) * scaling)
     if lay.mid_valid is not None:
         approx = approx.masked_fill(~lay.mid_valid[:, None, :], -torch.inf)
-    mask = select(approx, torch.logsumexp(res_logits, -1), store.tau)
+    res_lse = torch.logsumexp(res_logits, -1)  # [H, R]
+    rescore = store.exact_keys and store.candidates > store.tau
+    mask = select(approx, res_lse, store.candidates if rescore else store.tau)
     idx, valid = _padded_indices(mask)  # [H, k]
     k = idx.shape[1]
-    store.counts["selected"] += int(valid.sum())
+    store.counts["candidates"] += int(valid.sum())
     store.counts["selectable"] += H * n if lay.mid_valid is None else int(lay.mid_valid.sum())
     store.counts["steps"] += 1
     if k == 0:  # the resident tokens already hold τ in every row
@@ -298,15 +304,26 @@ def read_layer(store: Store, li: int, query, key, value, scaling: float):
         mode = "gather" if dev.type != "cuda" or flat.numel() * row_bytes <= GATHER_MAX_BYTES else "host"
     store.counts[mode] += 1
     if mode == "gather":
-        sv = _gather_to_device(store, lay.host_v, flat, dev, torch.float32, "v").view(H, k, D)
         if store.exact_keys:
             sk = _gather_to_device(store, lay.host_k, flat, dev, torch.float32, "k").view(H, k, D)
+            t0 = store._tick(dev, "transfer", t0)
+            sel_logits = ((Q @ sk.transpose(1, 2)) * scaling).masked_fill(~valid[:, None, :], -torch.inf)
+            if rescore:  # keep the τ share of the exact attention among the candidates; read only their values
+                keep, kvalid = _padded_indices(select(sel_logits, res_lse, store.tau) & valid)  # [H, k2]
+                idx, valid, k = idx.gather(1, keep), kvalid, keep.shape[1]
+                sel_logits = sel_logits.gather(2, keep[:, None, :].expand(H, R, k)).masked_fill(~valid[:, None, :],
+                                                                                             -torch.inf)
+                flat = (idx + torch.arange(H, device=dev)[:, None] * n).reshape(-1).cpu()
+                t0 = store._tick(dev, "selection", t0)
+        else:
+            sel_logits = sel_approx.masked_fill(~valid[:, None, :], -torch.inf)
+        store.counts["selected"] += int(valid.sum())
+        sv = _gather_to_device(store, lay.host_v, flat, dev, torch.float32, "v").view(H, k, D)
         t0 = store._tick(dev, "transfer", t0)
-        sel_logits = (Q @ sk.transpose(1, 2)) * scaling if store.exact_keys else sel_approx
-        sel_logits = sel_logits.masked_fill(~valid[:, None, :], -torch.inf)
         p = torch.cat([sel_logits, res_logits], -1).softmax(-1)  # [H, R, k + m + t]
         out = p[..., :k] @ sv + p[..., k:] @ rv
-    else:
+    else:  # on the host every candidate is scored exactly anyway: nothing to save by re-selecting
+        store.counts["selected"] += int(valid.sum())
         part = _host_partials(lay, Q.cpu() if store.exact_keys else None,
                               None if store.exact_keys else sel_approx.cpu(), flat, valid_cpu, scaling)
         m_s, l_s, o_s = (x.to(dev, non_blocking=True) for x in part)
