@@ -280,7 +280,8 @@ def markdown(res: dict) -> str:
         lines += ["", f"Device-resident HCAttention memory: {acc['device'] / GiB:.2f} GiB = "
                       f"{100 * acc['device_share']:.2f}% of the full bf16 KV cache ({acc['full_bf16'] / GiB:.1f} GiB): "
                       f"codes {acc['codes'] / GiB:.2f}, codebooks {acc['codebooks'] / GiB:.3f}, exact sinks+recent "
-                      f"{acc['exact'] / GiB:.3f} GiB (sub_dim {acc['sub_dim']}, {acc['centroids']} centroids); host rows "
+                      f"{acc['exact'] / GiB:.3f}, outliers {acc.get('outliers', 0) / GiB:.2f} GiB (sub_dim "
+                      f"{acc['sub_dim']}, {acc['centroids']} centroids, recent {acc.get('recent', '?')}); host rows "
                       f"{acc['host'] / GiB:.1f} GiB."]
     if res.get("sweep"):
         lines += ["", "Read paths, one layer, one step (rows read per KV head → ms):", "",
