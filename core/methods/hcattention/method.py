@@ -3,17 +3,19 @@
 
 Encode: chunks prefill on top of the earlier ones (`exact`: every earlier token, = `full`; `anchor`: the
 first chunk and the previous one, Star-Attention-like, bounded device memory). Codebooks (one per layer,
-KV head and key group) are calibrated by k-means on `calib_tokens` post-RoPE keys drawn evenly from the memory's
-first `calib_span` tokens (or on calibration ids, `calibrate_on`). Stored per chunk: "k", "v" [L, H, T, D] (model dtype, or int8 with "k_scale"/
-"v_scale" [L, H, T] float32 when value_bits=8), "codes" [L, H, T, g] once the codebooks exist, "codebooks"
-[L, H, g, c, d] float32 in the chunk that completed the calibration (earlier chunks get their codes at attach).
+KV head and key group) are calibrated by k-means on `calib_tokens` post-RoPE keys drawn evenly from the
+memory's first `calib_span` tokens (or on calibration ids, `calibrate_on`). Stored per chunk: "k", "v"
+[L, H, T, D] (model dtype, or int8 with "k_scale"/"v_scale" [L, H, T] float32 when value_bits=8), "codes"
+[L, H, T, g] once the codebooks exist, "codebooks" [L, H, g, c, d] float32 in the chunk that completed the
+calibration (earlier chunks get their codes at attach).
 Exact keys are kept on disk so a resumed ingest equals an uninterrupted one and τ=1 can be exact.
 
 Attach streams chunks into preallocated device codes and host rows (one chunk in flight, never two copies),
 after checking device and host memory. Per chunk and KV head, the `outliers` share of middle tokens whose codes
-fit their keys worst keep their exact keys on the device and are scored exactly (dense-and-sparse, as KVQuant
-does for values of a different kind): a needle in a repetitive text is such a token, and coarse codes alone
-rank it below the filler. Positions are the original ones: the document must fit the window.
+fit their keys worst keep their exact keys on the device and are scored exactly (a dense-and-sparse split, as
+KVQuant keeps outlier values apart): a needle in a repetitive text is such a token, and coarse codes alone rank
+it below the filler. The code width, centroids and recent window are planned to the budget (`plan_layout`).
+Positions are the original ones: the document must fit the window.
 `serve` attaches a `full`, `truncate` or `kvcompose` memory the same way (codebooks calibrated at attach).
 """
 from __future__ import annotations
@@ -29,8 +31,8 @@ from .read import HostRows, Layer, Store, use_hc_attention
 
 DEFAULT_SHARE = 0.125  # GPU-resident memory / full bf16 KV cache when no --budget is given
 SUB_DIMS = (1, 2, 4, 8, 16)  # key sub-vector widths tried by sub_dim=0, finest first
-# Widths up to this one are preferred to a long recent window: 8-wide codes miss a passkey even at τ = 0.99
-# (evals/results/hcattention-passkey-probe), and shrinking the window costs less than that.
+# Widths up to this one come before any coarser width, whatever centroids or window that costs: 8-wide codes
+# miss a passkey even at τ = 0.99 (evals/results/hcattention-passkey-probe).
 FINE_SUB_DIM = 4
 RECENT_FLOOR = 4  # sub_dim=0 halves the recent window down to this on short documents to fit the budget
 EXACT_PREFILL_TOKENS = 32768  # prefill="auto": exact attention to every earlier chunk up to this memory size
@@ -287,12 +289,13 @@ class _Builder:
                     rows.data[:, lo - s:hi - s] = x[:, lo - a:hi - a]
                     if sc is not None:
                         rows.scale[:, lo - s:hi - s] = sc[:, lo - a:hi - a]
-            kx = quant.dequantize_rows(k[:, lo - a:hi - a], None if k_scale is None else k_scale[:, lo - a:hi - a],
-                                       self.dtype)
             cx = None if codes is None else codes[:, lo - a:hi - a].to(self.dev)
             if cx is not None:
                 lay["codes"][:, lo - s:hi - s] = cx
-            self.pending.append((li, lo, hi, kx, cx))
+            if cx is None or self.o.outliers > 0:  # flush needs the exact keys: to code them or to rank them
+                kx = quant.dequantize_rows(k[:, lo - a:hi - a], None if k_scale is None else k_scale[:, lo - a:hi - a],
+                                           self.dtype)
+                self.pending.append((li, lo, hi, kx, cx))
         if valid is not None and not bool(valid.all()):
             for name, full_len, (x0, x1) in (("mid_valid", e - s, (lo, hi)),):
                 if lay[name] is None:
