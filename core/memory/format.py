@@ -176,8 +176,9 @@ def _check_schema(m: dict, where: str) -> None:
 
 def safetensors_header(data: bytes, where: str, size: int | None = None) -> dict:
     """Pre-parse a safetensors buffer's header before safetensors sees it: size caps, strict JSON
-    (safetensors itself keeps the last of duplicate keys), offsets inside the buffer. `data` may be only
-    the file's first bytes (through the header) when `size`, the whole file's length, is given."""
+    (safetensors itself keeps the last of duplicate keys), offsets inside the buffer that tile it exactly
+    (no overlap, no hole: the format's rule, which the zero-copy reader would not otherwise check). `data`
+    may be only the file's first bytes (through the header) when `size`, the whole file's length, is given."""
     size = len(data) if size is None else size
     if len(data) < 8:
         raise CorruptMemoryError(f"{where}: truncated (no header)")
@@ -203,4 +204,13 @@ def safetensors_header(data: bytes, where: str, size: int | None = None) -> dict
             raise CorruptMemoryError(f"{where}: tensor {name!r} has a malformed entry")
         if not (0 <= a <= b <= body and b - a == size):
             raise CorruptMemoryError(f"{where}: tensor {name!r} offsets {a}..{b} do not fit the file")
+    end = 0
+    for name, (a, b) in sorted(((k, v["data_offsets"]) for k, v in header.items() if k != "__metadata__"),
+                               key=lambda kv: (kv[1][0], kv[1][1])):
+        if a != end:  # two tensors sharing bytes would each read the other's data as its own
+            raise CorruptMemoryError(f"{where}: tensor {name!r} starts at {a}, not at {end} "
+                                     f"({'overlaps another' if a < end else 'leaves a hole'})")
+        end = b
+    if end != body:
+        raise CorruptMemoryError(f"{where}: the tensors end at byte {end} of a {body}-byte data section")
     return header

@@ -95,3 +95,26 @@ def test_required_features_must_be_a_list_of_names(features):
     data = json.dumps({"format": "combllama-memory", "format_version": 1, "required_features": features}).encode()
     with pytest.raises(CorruptMemoryError, match="required_features"):
         parse_manifest(data, "x")
+
+
+@pytest.mark.parametrize("offsets,match", [
+    ([[0, 16], [0, 16]], "overlaps another"),  # found by the corruption corpus: v read k's bytes, served as valid
+    ([[0, 16], [20, 36]], "leaves a hole"),
+    ([[0, 16], [16, 32]], "end at byte 32 of a 36-byte"),
+])
+def test_tensors_must_tile_the_data_section(offsets, match):
+    """Two tensors sharing bytes (or a gap, or trailing bytes) are corrupt, as the safetensors format says:
+    the zero-copy reader takes offsets as given, so the header check must refuse them."""
+    import json
+    import struct
+
+    from combllama.core.errors import CorruptMemoryError
+    from combllama.core.memory.format import safetensors_header
+
+    header = json.dumps({n: {"dtype": "F32", "shape": [4], "data_offsets": o}
+                         for n, o in zip(("k", "v"), offsets)}).encode()
+    with pytest.raises(CorruptMemoryError, match=match):
+        safetensors_header(struct.pack("<Q", len(header)) + header + b"\0" * 36, "x")
+    good = json.dumps({"k": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                       "v": {"dtype": "F32", "shape": [5], "data_offsets": [16, 36]}}).encode()
+    assert set(safetensors_header(struct.pack("<Q", len(good)) + good + b"\0" * 36, "x")) == {"k", "v"}
