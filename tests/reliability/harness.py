@@ -61,6 +61,11 @@ FOUND_AND_FIXED = [
     "turn of its own -> split_special_tokens, <document> framing, look-alike delimiters defused (82540a4; case 29)",
     "chat rendering: Markdown links became OSC 8 hyperlinks hiding their target -> shown as 'text (url)' (ac413a9; "
     "case 29)",
+    "memory format: a chunk whose header gives two same-sized tensors the same data_offsets (checksums resealed) "
+    "loaded through the zero-copy reader, which took offsets as given: v served k's bytes -> the header check "
+    "requires the tensors to tile the data section, as the safetensors format does (f8a5a9e; corruption corpus "
+    "'manifest/overlapping-offsets+sha' once the memory's chunk layout let the zero-copy path take it; "
+    "test_rel_fuzz::test_tensors_must_tile_the_data_section)",
     "fuzz harness (not the product): the repo target's tree builder crashed on a self-referencing link while "
     "placing entries; fixed in fuzz/targets.py, input kept in fuzz/regressions/repo",
 ]
