@@ -10,6 +10,7 @@ import signal
 import sys
 
 from ..core.errors import CombllamaError
+from .cases import CHUNK_TOKENS
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--device", default="cpu")
     run.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
     run.add_argument("--limit", type=int, default=None, help="at most N cases per task")
-    run.add_argument("--chunk-tokens", type=int, default=512, help="ingest chunk size of combllama methods")
+    run.add_argument("--chunk-tokens", type=int, default=CHUNK_TOKENS, help="ingest chunk size of combllama methods")
     run.add_argument("--size", action="append", default=[], metavar="KEY=VALUE",
                      help="full-suite size override, repeatable (e.g. passkey_lengths=1024,4096 long_texts=1)")
     run.add_argument("--out", required=True, help="results folder, e.g. evals/results/NAME")

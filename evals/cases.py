@@ -15,6 +15,7 @@ from ..core.errors import BadInputError
 
 DATA = Path(__file__).resolve().parent / "data"
 CONTINUATION = 256  # teacher-forced tokens scored per fidelity case
+CHUNK_TOKENS = 512  # ingest chunk size of combllama methods unless --chunk-tokens says otherwise
 TASKS = ("fidelity", "retrieval", "qa", "citation")
 
 

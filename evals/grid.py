@@ -18,7 +18,7 @@ from typing import Callable
 from ..core.errors import BadInputError
 from ..core.methods import METHODS
 from . import citation
-from .cases import TASKS, FullSuite, full_suite, smoke_suite
+from .cases import CHUNK_TOKENS, TASKS, FullSuite, full_suite, smoke_suite
 from .metrics import exact_match, f1, first_line, perplexity, string_match_all
 from .peers import kvpress_bridge as kvpress_peer
 
@@ -33,7 +33,7 @@ class GridConfig:
     device: str = "cpu"
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA (core.model.ModelSpec)
     limit: int | None = None  # at most this many cases per task (quick looks)
-    chunk_tokens: int = 512  # ingest chunk size for combllama methods (kvcompose budgets each chunk)
+    chunk_tokens: int = CHUNK_TOKENS  # ingest chunk size for combllama methods (kvcompose budgets each chunk)
     full_suite: FullSuite = field(default_factory=FullSuite)
 
     def __post_init__(self) -> None:
@@ -273,8 +273,8 @@ def merge(results: list[dict]) -> dict:
     for r in results[1:]:
         if r["model"]["fingerprint"] != first["model"]["fingerprint"]:
             raise BadInputError("cannot merge results of different models")
-        if (r["model"].get("dtype"), r["config"].get("chunk_tokens", 512)) != (
-                first["model"].get("dtype"), first["config"].get("chunk_tokens", 512)):
+        if (r["model"].get("dtype"), r["config"].get("chunk_tokens", CHUNK_TOKENS)) != (
+                first["model"].get("dtype"), first["config"].get("chunk_tokens", CHUNK_TOKENS)):
             raise BadInputError("cannot merge results of another dtype or --chunk-tokens (rows would be mislabeled)")
         if [c["id"] for c in r["cases"]] != [c["id"] for c in first["cases"]]:
             raise BadInputError("cannot merge results over different cases (same --suite and --size needed)")

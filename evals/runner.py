@@ -21,7 +21,7 @@ from ..core.prompt import turn_ids
 from ..core.tokenize import tokenize_document
 from ..ingest import Document, Origin, Section
 from . import citation
-from .cases import CONTINUATION, Case
+from .cases import CHUNK_TOKENS, CONTINUATION, Case
 from .metrics import nll_stats, token_stats
 
 # Window positions kept free after the memory: the 256 teacher-forced tokens or a question + answer.
@@ -46,7 +46,7 @@ def document_of(case: Case) -> Document:
                     hashlib.sha256(case.document.encode()).hexdigest())
 
 
-def config(chunk_tokens: int = 512) -> EncodeConfig:
+def config(chunk_tokens: int = CHUNK_TOKENS) -> EncodeConfig:
     return EncodeConfig(chunk_tokens=chunk_tokens, reserve=RESERVE)
 
 
@@ -56,7 +56,7 @@ def prepare(loaded, case: Case) -> Prepared:
     import torch
 
     doc = document_of(case)
-    plan = plan_memory(loaded, doc, get_method("truncate"), EncodeConfig(chunk_tokens=512, reserve=16))
+    plan = plan_memory(loaded, doc, get_method("truncate"), EncodeConfig(chunk_tokens=CHUNK_TOKENS, reserve=16))
     n_doc = plan.doc_tokens
     memory_ids = plan.ids if plan.doc_range == (0, n_doc) else None
     if memory_ids is None:  # longer than the window: rebuild the ids of the whole document
@@ -85,7 +85,7 @@ def kv_entries(memory) -> int:
 
 
 def run_case(loaded, prepared: Prepared, method_name: str, fraction: float, with_citation: bool,
-             chunk_tokens: int = 512) -> dict:
+             chunk_tokens: int = CHUNK_TOKENS) -> dict:
     """One (method, budget, case) cell: build the memory, measure it, score the task."""
     case = prepared.case
     L, H, _ = loaded.kv_shape

@@ -89,6 +89,12 @@ class HCAttentionOptions(Options):
 
 # --- accounting ------------------------------------------------------------------------------------------
 
+def calibration_stride(tokens: int, o: HCAttentionOptions) -> tuple[int, int]:
+    """(span, stride): the calibration sample is every stride-th of the memory's first `span` tokens."""
+    span = min(o.calib_span, tokens)
+    return span, max(1, -(-span // o.calib_tokens))
+
+
 def outlier_count(middle: int, share: float) -> int:
     """Exactly scored tokens of a chunk's `middle` tokens (per KV head): at least one when the share is not 0."""
     return 0 if share <= 0 or middle <= 0 else min(middle, max(1, round(middle * share)))
@@ -380,8 +386,7 @@ class HCEncoder(Encoder):
         self.anchor: tuple | None = None  # anchor mode: first chunk's (k, v) [L, H, T, D]
         self.prev: tuple | None = None
         # the calibration sample: every stride-th token of the first `span` (the chunk reaching `span` calibrates)
-        self.span = min(o.calib_span, total_tokens)
-        self.stride = max(1, -(-self.span // o.calib_tokens))
+        self.span, self.stride = calibration_stride(total_tokens, o)
         self.calib: list = []
         self.codebooks = None
         self.emit_codebooks = False
@@ -766,9 +771,9 @@ def serve(model, manifest: dict, blocks: Iterable[tuple[dict, dict]],
     d, centroids = layout.sub_dim, layout.centroids
     host_dtype = torch.int8 if options.value_bits == 8 else model.dtype
     builder = _new_builder(model, lengths, options, D // d, centroids, host_dtype)
-    stride = max(1, -(-min(options.calib_span, tokens) // options.calib_tokens))
+    span, stride = calibration_stride(tokens, options)
     with torch.inference_mode():
-        books = [quant.calibrate(k[:, :options.calib_span:stride][:, :options.calib_tokens].to(model.device)[None],
+        books = [quant.calibrate(k[:, :span:stride][:, :options.calib_tokens].to(model.device)[None],
                                  d, centroids, options.kmeans_iters, options.seed)[0]
                  for k, _, _ in layers]  # [H, g, c, d] each
         builder.set_codebooks(torch.stack(books))
