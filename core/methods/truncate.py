@@ -27,7 +27,7 @@ class Truncate(Method):
         keep = min(n_doc, room, self.budget.of(n_doc) if self.budget else n_doc)
         return n_doc - keep, n_doc
 
-    def encoder(self, model, total_tokens):
+    def encoder(self, model, total_tokens, reserve=0):
         return FullEncoder(model)
 
     def attach(self, model, manifest, blocks):

@@ -36,7 +36,7 @@ def ref_model():
 def _encode(model, ids, name="kvcompose", params=None, budget=Budget(fraction=0.25), chunk=None, reserve=64):
     """Encode `ids` chunk by chunk; returns (method, blocks, manifest-like dict)."""
     method = get_method(name, params, budget)
-    enc = method.encoder(model, len(ids))
+    enc = method.encoder(model, len(ids), reserve)
     chunk = chunk or len(ids)
     blocks = [({}, enc.encode(Chunk(i, s, min(s + chunk, len(ids)), tuple(ids[s:s + chunk]))))
               for i, s in enumerate(range(0, len(ids), chunk))]
@@ -172,17 +172,40 @@ def _small_window_model(window=160):
 def test_document_longer_than_the_window_uses_compact_positions():
     model = _small_window_model(160)
     ids = torch.randint(3, 256, (700,), generator=torch.Generator().manual_seed(0)).tolist()
-    method, blocks, manifest = _encode(model, ids, budget=Budget(fraction=0.25), chunk=40, reserve=32)
+    method, blocks, manifest = _encode(model, ids, params={"layer_cap": True}, chunk=40, reserve=32)
     assert manifest["positions"]["layout"] == "compact"
     for (_, t), s in zip(blocks, range(0, 700, 40)):  # original positions are stored
         assert int(t["pos"].min()) >= s and int(t["pos"].max()) < s + 40
     mem = method.attach(model, manifest, blocks)
     assert mem.logical_length <= 160 - 32
-    assert max(mem.lengths) > mem.logical_length  # layer 0 holds more entries than positions: spread evenly
+    assert max(mem.lengths) <= mem.logical_length  # layer_cap: one position per entry in every layer
     logits = prefill(model, [3, 4, 5], mem.cache, mem.logical_length, mem.lengths[0])
     assert torch.isfinite(logits).all()
+    method, blocks, manifest = _encode(model, ids, chunk=40, reserve=32)
+    mem = method.attach(model, manifest, blocks)
+    assert max(mem.lengths) > mem.logical_length  # the default (kvpress's rule): layer 0 outgrows the positions
+    assert torch.isfinite(prefill(model, [3, 4, 5], mem.cache, mem.logical_length, mem.lengths[0])).all()
     with pytest.raises(BadInputError):
         _encode(model, ids[:300], chunk=100)  # a chunk and its probe must fit the window
+
+
+def test_layer_cap_moves_the_budget_to_other_layers():
+    """With a cap, the budget a capped layer cannot take goes to the next composite tokens of other layers;
+    without one (or with a cap no layer reaches) the selection is kvpress's."""
+    g = torch.Generator().manual_seed(1)
+    scores = torch.rand(6, 2, 50, generator=g)
+    scores[0] *= 5  # layer 0 would take most of the budget
+    opts = kc.KVComposeOptions()
+    free, _ = kc.select_tokens(scores, 0.3, opts)
+    same, _ = kc.select_tokens(scores, 0.3, opts, cap=50)
+    capped, kept = kc.select_tokens(scores, 0.3, opts, cap=16)
+    assert torch.equal(free, same) and int(free[:, 0].max()) > 16
+    assert int(capped[:, 0].max()) <= 16 and int(capped[:, 0].sum()) == int(free[:, 0].sum()) == int(6 * 50 * 0.3)
+    assert all(len(kept[l][j]) == int(capped[l, j]) for l in range(6) for j in range(2))
+    un, _ = kc.select_tokens(scores, 0.3, kc.KVComposeOptions(structured=False), cap=16)
+    assert int(un.max()) <= 16 and int(un.sum()) == int(6 * 2 * 50 * 0.3)
+    tight, _ = kc.select_tokens(scores, 0.9, opts, cap=10)  # more budget than the caps hold: every layer full
+    assert torch.equal(tight, torch.full((6, 2), 10))
 
 
 def test_resume_equals_uninterrupted(ref_model):

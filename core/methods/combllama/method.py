@@ -226,7 +226,7 @@ class CombLlama(Method):
         self.n_prefix = n_prefix  # the encoder keeps these tokens as an ordinary KV cache
         return 0, n_doc
 
-    def encoder(self, model, total_tokens):
+    def encoder(self, model, total_tokens, reserve=0):
         return CombEncoder(self, model, total_tokens)
 
     def memory_tokens(self, total_tokens):

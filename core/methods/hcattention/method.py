@@ -546,7 +546,7 @@ class HCAttention(Method):
                 f"--method kvcompose (compact positions) or --method truncate")
         return 0, n_doc
 
-    def encoder(self, model, total_tokens):
+    def encoder(self, model, total_tokens, reserve=0):
         if self.options.calibration != "document" and self.calibration_ids is None:
             raise BadInputError("hcattention calibration ids are not set; call calibrate_on(ids) before encoding")
         return HCEncoder(self, model, total_tokens)
