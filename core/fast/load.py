@@ -15,7 +15,8 @@ from ..methods.base import KVMemory, make_cache
 from .static_cache import StaticKV
 
 BLOCK_METHODS = ("full", "truncate")  # chunks hold "k", "v" [L, H, T, D] in memory order
-RING_BYTES = 4 << 30  # host buffers of the transfer pass, all together
+RING_BYTES = 1 << 30  # host pieces of the transfer pass, all together
+PIECE_BYTES = 16 << 20  # a piece holds as many whole layers of one chunk's K or V as fit (at least one)
 
 
 def loadable(manifest: dict) -> bool:
@@ -32,18 +33,30 @@ def _pinned(n: int):
         return None
 
 
+def pool_map(fn, items, workers: int) -> list:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(fn, items))
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[name]
+
+
 def load_memory(reader, model, *, capacity: int = 1024, workers: int | None = None, pinned: bool | None = None,
-                ring: int = 8, timings: dict | None = None) -> KVMemory:
+                ring: int = 16, timings: dict | None = None) -> KVMemory:
     """The memory of `reader` (already opened and checked against the model) as a KVMemory whose cache
     layers are views of a StaticKV with `capacity` turn slots (kept on the cache for core/fast).
 
     Two passes, so that a fresh process never has to hold (and first-touch) the whole memory in host RAM:
     1. verify: every chunk file is streamed through a small per-thread buffer (size, sha256, header,
        names/dtypes/shapes) by a pool of threads; nothing is kept and nothing is allocated on the device;
-    2. transfer: device buffers are allocated, and each chunk is read again into one of `ring` reused host
-       buffers (page-locked on CUDA unless `pinned` is False; at most RING_BYTES in all) and copied to the
-       device while the next chunks are read. A file whose identity (inode, size, mtime, ctime) is still the
-       one pass 1 hashed is not hashed again; any other is, so a change between the passes is caught.
+    2. transfer: device buffers are allocated, and each chunk is read again, one (layer, K or V) block at
+       a time, into one of `ring` reused host pieces (page-locked on CUDA unless `pinned` is False; at most
+       RING_BYTES in all) and copied to the device while the next blocks are read. A block is used only if
+       its file's identity (inode, size, mtime, ctime) is, before and after its read, the one pass 1 hashed;
+       else the whole chunk is read again and hashed, so a change between the passes is caught.
     Finiteness is checked where the values land, before the memory is returned. `timings` receives the
     seconds of each pass."""
     import torch
@@ -62,8 +75,7 @@ def load_memory(reader, model, *, capacity: int = 1024, workers: int | None = No
     # hashlib and file reads release the GIL: threads scale with cores on large chunk files.
     n = workers or min(16, os.cpu_count() or 1, len(records))
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=n) as pool:
-        known = list(pool.map(reader.check_chunk, records))  # raises the first CorruptMemoryError; no device memory
+    known = list(pool_map(reader.check_chunk, records, n))  # raises the first CorruptMemoryError; no device memory
     t1 = time.perf_counter()
 
     c = model.config
@@ -76,36 +88,61 @@ def load_memory(reader, model, *, capacity: int = 1024, workers: int | None = No
                                      f"fit the model ({L} layers, {H} KV heads, head dim {D})")
     total = sum(r["tensors"]["k"][1][2] for r in records)
     static = StaticKV.allocate(L, H, D, total, capacity, device=dev, dtype=dt)
-    size = max(r["bytes"] for r in records)
-    k = max(1, min(ring, len(records), RING_BYTES // size))
-    bufs = [(_pinned(size) if pinned else None) for _ in range(k)]
-    bufs = [b if b is not None else torch.frombuffer(bytearray(size), dtype=torch.uint8) for b in bufs]
-    done = [None] * k  # per host buffer: the event after which its last copy to the device has finished
     spans, at = [], 0
+    for r in records:
+        t = r["tensors"]["k"][1][2]
+        spans.append((at, at + t))
+        at += t
+    # Pass 2 moves blocks of whole layers of one chunk's K or V ([g, H, T, D]) through `ring` small reused
+    # host pieces: a fresh process page-locks only those (pinning costs ~0.6 s per GB), not a chunk file each.
+    layouts = list(pool_map(reader.block_layout, records, n))
+    layer_bytes = max(b for lay in layouts for _, b in lay.values())
+    g = max(1, min(L, PIECE_BYTES // layer_bytes))  # layers per block
+    piece = g * layer_bytes
+    k = max(1, min(ring, RING_BYTES // piece))
+    bufs = [(_pinned(piece) if pinned else None) for _ in range(k)]
+    bufs = [b if b is not None else torch.frombuffer(bytearray(piece), dtype=torch.uint8) for b in bufs]
+    done = [None] * k  # per piece: the event after which its last copy to the device has finished
+    blocks = [(i, name, l0, min(L, l0 + g)) for i in range(len(records)) for name in ("k", "v") for l0 in range(0, L, g)]
 
-    def read(i: int):
-        j = i % k
+    def read(b: int) -> bool:
+        i, name, l0, l1 = blocks[b]
+        j = b % k
         if done[j] is not None:
-            done[j].synchronize()  # the buffer's previous chunk is on the device
-        return readers.submit(reader.chunk, records[i], lambda nbytes: bufs[j][:nbytes], False, known[i])
+            done[j].synchronize()  # the piece's previous block is on the device
+        offset, nbytes = layouts[i][name]
+        return reader.read_block(records[i], known[i], offset + l0 * nbytes, bufs[j][:(l1 - l0) * nbytes])
 
+    def put(i: int, name: str, l0: int, x) -> None:  # x [layers, H, T, D] on the host
+        a, e = spans[i]
+        dst = static.k if name == "k" else static.v
+        x = x.to(dev, non_blocking=True)  # one transfer per block
+        for layer in range(x.shape[0]):
+            dst[l0 + layer][0, :, a:e] = x[layer]
+
+    stale: set[int] = set()
     with ThreadPoolExecutor(max_workers=k) as readers, torch.no_grad():
-        pending = {i: read(i) for i in range(k)}
-        for i in range(len(records)):
-            b = pending.pop(i).result()
-            t = b["k"].shape[2]
-            for name, dst in (("k", static.k), ("v", static.v)):
-                x = b[name].to(dev, non_blocking=True).to(dt)  # [L, H, T, D]: one transfer per chunk
-                for layer in range(L):
-                    dst[layer][0, :, at:at + t] = x[layer]
-            if dev.type == "cuda":
-                done[i % k] = torch.cuda.Event()
-                done[i % k].record()
-            spans.append((at, at + t))
-            at += t
-            del b, x
-            if i + k < len(records):
-                pending[i + k] = read(i + k)
+        pending = {b: readers.submit(read, b) for b in range(min(k, len(blocks)))}
+        for b, (i, name, l0, l1) in enumerate(blocks):
+            fresh = pending.pop(b).result()
+            j = b % k
+            done[j] = None
+            if i not in stale and not fresh:
+                # The file changed since pass 1 hashed it: read the whole chunk again, hashed (a corrupt one raises).
+                stale.add(i)
+                whole = reader.chunk(records[i], None, False)
+                put(i, "k", 0, whole["k"])
+                put(i, "v", 0, whole["v"])
+            elif i not in stale:
+                spec = records[i]["tensors"][name]
+                t = spec[1][2]
+                x = bufs[j][:(l1 - l0) * layouts[i][name][1]].view(_dtype(spec[0])).view(l1 - l0, H, t, D)
+                put(i, name, l0, x)
+                if dev.type == "cuda":
+                    done[j] = torch.cuda.Event()
+                    done[j].record()
+            if b + k < len(blocks):
+                pending[b + k] = readers.submit(read, b + k)
         if not all(all_finite(buf[:, :, :total]) for buf in (*static.k, *static.v)):
             del static
             raise CorruptMemoryError(f"{reader.name}: the memory holds NaN or Inf")

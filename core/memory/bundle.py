@@ -361,6 +361,37 @@ class MemoryReader:
         return _check_streamed(self.root / record["file"], record["bytes"], record["sha256"], record["tensors"],
                                f"{self.name} chunk {record['seq']}")
 
+    def block_layout(self, record: dict) -> dict:
+        """{tensor name: (file offset of its data, bytes of one slice along its first dim)} of a chunk file,
+        from its header (re-validated). For reading a verified file block by block (read_block)."""
+        path, where = self.root / record["file"], f"{self.name} chunk {record['seq']}"
+        with open(path, "rb", buffering=0) as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            head += f.read(min(n, MAX_HEADER_BYTES))
+        header = safetensors_header(head, where, record["bytes"])
+        _check_tensors(header, record["tensors"], where, path.name)
+        out = {}
+        for name, spec in header.items():
+            if name != "__metadata__":
+                a, b = spec["data_offsets"]
+                out[name] = (8 + n + a, (b - a) // max(1, spec["shape"][0] if spec["shape"] else 1))
+        return out
+
+    def read_block(self, record: dict, known: tuple, offset: int, out) -> bool:
+        """Read len(out) bytes at `offset` of a chunk file into `out` (a uint8 tensor). True only when the
+        file's identity is `known` (what check_chunk returned after hashing it) before and after the read,
+        so the bytes are the hashed ones; False leaves `out` undefined and the caller reads the chunk again
+        with chunk(), which hashes it."""
+        view = memoryview(out.numpy())
+        with open(self.root / record["file"], "rb", buffering=0) as f:
+            if _identity(f.fileno()) != known:
+                return False
+            got = 0
+            while got < len(view) and (n := os.preadv(f.fileno(), [view[got:]], offset + got)):
+                got += n
+            return got == len(view) and _identity(f.fileno()) == known
+
     def chunks(self) -> Iterator[tuple[dict, dict]]:
         for record in self.manifest["chunks"]:
             yield record, self.chunk(record)

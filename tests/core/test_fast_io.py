@@ -57,8 +57,12 @@ def test_pipelined_writer_raises_the_thread_error(tiny, long_doc, store, monkeyp
     assert not MemoryReader(store.path("m")).complete
 
 
-@pytest.mark.parametrize("method,budget", [("full", None), ("truncate", Budget(fraction=0.5))])
-def test_fast_loader_equals_attach(tiny, long_doc, store, method, budget):
+@pytest.mark.parametrize("method,budget,piece", [("full", None, None), ("truncate", Budget(fraction=0.5), None),
+                                                 ("full", None, 1)])
+def test_fast_loader_equals_attach(tiny, long_doc, store, method, budget, piece, monkeypatch):
+    """piece: PIECE_BYTES (1: every layer of K and V moves through the host pieces as its own block)."""
+    if piece:
+        monkeypatch.setattr("combllama.core.fast.load.PIECE_BYTES", piece)
     ingest(tiny, long_doc, get_method(method, budget=budget), store, name="m", config=EncodeConfig(chunk_tokens=96))
     reader = store.open("m")
     assert loadable(reader.manifest)
