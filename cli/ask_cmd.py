@@ -67,7 +67,7 @@ def ask(target, question, method, budget, max_tokens, temperature, top_p, seed, 
     """
     from ..core.chat import Conversation, combine
     from ..core.engine import GenerateOptions
-    from ..core.methods import from_manifest
+    from ..core.fast.load import attach_reader
     from ..core.prompt import turn_ids
     from ..core.tokenize import StreamDecoder
     from .render import note, safe
@@ -77,11 +77,8 @@ def ask(target, question, method, budget, max_tokens, temperature, top_p, seed, 
     t0 = time.perf_counter()
     loaded = load(spec, quiet or as_json)
     reader, ingested = resolve_memory(loaded, target, method, budget, quiet or as_json)
-    reader.check_model(loaded.fingerprint)
-    memory_method = from_manifest(reader.manifest)
-    memory_method.check_resources(reader.manifest, loaded.device, loaded.dtype)  # before any tensor is read
     t1 = time.perf_counter()
-    memory = memory_method.attach(loaded.model, reader.manifest, reader.chunks())
+    memory = attach_reader(reader, loaded)
     attach_s = time.perf_counter() - t1
     conv = Conversation(loaded, combine(loaded, [(reader.name, reader.manifest, memory)]))
     engine = conv.engine

@@ -154,8 +154,8 @@ class ChatApp:
         """(Re)build the conversation from the session's memories."""
         from ..core.chat import Conversation, combine
         from ..core.errors import CombllamaError
+        from ..core.fast.load import attach_reader
         from ..core.memory.store import MemoryStore
-        from ..core.methods import from_manifest
         from ..core.paths import Paths
 
         memories = MemoryStore(Paths.from_env().memories)
@@ -164,10 +164,7 @@ class ChatApp:
             try:
                 if ref.name not in self.attached_cache:
                     reader = memories.open(ref.name)
-                    reader.check_model(self.loaded.fingerprint)
-                    method = from_manifest(reader.manifest)
-                    method.check_resources(reader.manifest, self.loaded.device, self.loaded.dtype)
-                    kv = method.attach(self.loaded.model, reader.manifest, reader.chunks())
+                    kv = attach_reader(reader, self.loaded)
                     self.attached_cache[ref.name] = (reader, kv)
                 reader, kv = self.attached_cache[ref.name]
             except CombllamaError as e:

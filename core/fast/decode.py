@@ -180,6 +180,29 @@ class FastDecoder:
         return self.static.generation, id(self.static), self.unified, self.num_splits
 
 
+def warm_up(model, tokens: int = 16) -> None:
+    """Run the fast path once over a throwaway 16-entry memory, so that a process's first answer does not
+    pay the one-off costs of its first forward (library handles, kernel modules loaded on first launch).
+    The caller may run it while the memory is still being read from disk, when the device is idle."""
+    import torch
+
+    from .static_cache import StaticKV
+
+    if eligible(model) is not None:
+        return
+    c = model.config
+    D = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    static = StaticKV.allocate(c.num_hidden_layers, c.num_key_value_heads, D, tokens, tokens, device=model.device,
+                               dtype=model.dtype)
+    for b in (*static.mem_k, *static.mem_v):
+        b.zero_()
+    dec = FastDecoder(model, static, use_graph=False)
+    dec.prefill(list(range(tokens // 2)), tokens)
+    dec.step(0, tokens + tokens // 2)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
 def fast_decoder(model, memory, capacity: int, *, use_graph: bool | None = None) -> FastDecoder:
     """The decoder serving `memory` (a plain KVMemory) with room for `capacity` turn tokens, kept on the
     memory's cache so that every Engine over the same memory shares its buffers and captured graph."""

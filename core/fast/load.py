@@ -38,10 +38,11 @@ def pool_map(fn, items, workers: int) -> list:
         return list(pool.map(fn, items))
 
 
-def _dtype(name: str):
+def _torch_dtype(name: str):
+    """The torch dtype of a stored floating dtype name, None for any other."""
     import torch
 
-    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[name]
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(name)
 
 
 def load_memory(reader, model, *, capacity: int = 1024, workers: int | None = None, pinned: bool | None = None,
@@ -72,20 +73,32 @@ def load_memory(reader, model, *, capacity: int = 1024, workers: int | None = No
         raise BadInputError(f"{reader.name}: the memory holds no tokens")
     dev, dt = model.device, model.dtype
     pinned = dev.type == "cuda" if pinned is None else pinned and dev.type == "cuda"
-    # hashlib and file reads release the GIL: threads scale with cores on large chunk files.
-    n = workers or min(16, os.cpu_count() or 1, len(records))
-    t0 = time.perf_counter()
-    known = list(pool_map(reader.check_chunk, records, n))  # raises the first CorruptMemoryError; no device memory
-    t1 = time.perf_counter()
-
     c = model.config
     L, H = c.num_hidden_layers, c.num_key_value_heads
     D = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     for r in records:  # every block must fit the buffers: a mismatch is a corrupt memory, not a torch error
         k, v = r["tensors"].get("k"), r["tensors"].get("v")
-        if not (k and v and list(k[1]) == list(v[1]) and len(k[1]) == 4 and (k[1][0], k[1][1], k[1][3]) == (L, H, D)):
-            raise CorruptMemoryError(f"{reader.name} chunk {r['seq']}: K/V shapes {k and k[1]} / {v and v[1]} do not "
-                                     f"fit the model ({L} layers, {H} KV heads, head dim {D})")
+        if not (k and v and list(k[1]) == list(v[1]) and len(k[1]) == 4 and (k[1][0], k[1][1], k[1][3]) == (L, H, D)
+                and _torch_dtype(k[0]) and _torch_dtype(v[0])):
+            raise CorruptMemoryError(f"{reader.name} chunk {r['seq']}: K/V shapes {k and k[1]} / {v and v[1]} "
+                                     f"(dtypes {k and k[0]} / {v and v[0]}) do not fit the model ({L} layers, "
+                                     f"{H} KV heads, head dim {D})")
+    # Pass 2 moves blocks of whole layers of one chunk's K or V ([g, H, T, D]) through `ring` small reused
+    # host pieces: a fresh process page-locks only those (pinning costs ~0.6 s per GB, done while pass 1
+    # runs), not a buffer per chunk file. Sizes come from the manifest; pass 1 checks the files match it.
+    layer_bytes = max(H * r["tensors"][x][1][2] * D * _torch_dtype(r["tensors"][x][0]).itemsize
+                      for r in records for x in ("k", "v"))
+    g = max(1, min(L, PIECE_BYTES // layer_bytes))  # layers per block
+    piece = g * layer_bytes
+    k = max(1, min(ring, RING_BYTES // piece))
+    # hashlib and file reads release the GIL: threads scale with cores on large chunk files.
+    n = workers or min(16, os.cpu_count() or 1, len(records))
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=1) as side:
+        pinning = side.submit(lambda: [(_pinned(piece) if pinned else None) for _ in range(k)])
+        known = list(pool_map(reader.check_chunk, records, n))  # raises the first CorruptMemoryError; no device memory
+        bufs = pinning.result()
+    t1 = time.perf_counter()
     total = sum(r["tensors"]["k"][1][2] for r in records)
     static = StaticKV.allocate(L, H, D, total, capacity, device=dev, dtype=dt)
     spans, at = [], 0
@@ -93,14 +106,7 @@ def load_memory(reader, model, *, capacity: int = 1024, workers: int | None = No
         t = r["tensors"]["k"][1][2]
         spans.append((at, at + t))
         at += t
-    # Pass 2 moves blocks of whole layers of one chunk's K or V ([g, H, T, D]) through `ring` small reused
-    # host pieces: a fresh process page-locks only those (pinning costs ~0.6 s per GB), not a chunk file each.
     layouts = list(pool_map(reader.block_layout, records, n))
-    layer_bytes = max(b for lay in layouts for _, b in lay.values())
-    g = max(1, min(L, PIECE_BYTES // layer_bytes))  # layers per block
-    piece = g * layer_bytes
-    k = max(1, min(ring, RING_BYTES // piece))
-    bufs = [(_pinned(piece) if pinned else None) for _ in range(k)]
     bufs = [b if b is not None else torch.frombuffer(bytearray(piece), dtype=torch.uint8) for b in bufs]
     done = [None] * k  # per piece: the event after which its last copy to the device has finished
     blocks = [(i, name, l0, min(L, l0 + g)) for i in range(len(records)) for name in ("k", "v") for l0 in range(0, L, g)]
@@ -136,7 +142,7 @@ def load_memory(reader, model, *, capacity: int = 1024, workers: int | None = No
             elif i not in stale:
                 spec = records[i]["tensors"][name]
                 t = spec[1][2]
-                x = bufs[j][:(l1 - l0) * layouts[i][name][1]].view(_dtype(spec[0])).view(l1 - l0, H, t, D)
+                x = bufs[j][:(l1 - l0) * layouts[i][name][1]].view(_torch_dtype(spec[0])).view(l1 - l0, H, t, D)
                 put(i, name, l0, x)
                 if dev.type == "cuda":
                     done[j] = torch.cuda.Event()
@@ -154,3 +160,27 @@ def load_memory(reader, model, *, capacity: int = 1024, workers: int | None = No
     static._views()
     cache._combllama_static = static
     return KVMemory(cache, m["positions"]["logical_length"], [total] * L, spans)
+
+
+def attach_reader(reader, loaded, *, fast: bool | None = None) -> KVMemory:
+    """The memory of `reader` attached to `loaded`'s model, checked first (fingerprint, then whether it fits
+    the device, before any tensor is read): through load_memory where it applies (a block-layout memory on
+    CUDA, or `fast` True), else through the method's own attach."""
+    from ..methods import from_manifest
+
+    reader.check_model(loaded.fingerprint)
+    method = from_manifest(reader.manifest)
+    method.check_resources(reader.manifest, loaded.device, loaded.dtype)
+    if fast is None:
+        fast = loaded.device.type == "cuda"
+    if fast and loadable(reader.manifest):
+        if loaded.device.type != "cuda":
+            return load_memory(reader, loaded.model)
+        from .decode import warm_up
+
+        with ThreadPoolExecutor(max_workers=1) as side:  # the device is idle while pass 1 reads and hashes
+            warm = side.submit(warm_up, loaded.model)
+            memory = load_memory(reader, loaded.model)
+            warm.result()
+        return memory
+    return method.attach(loaded.model, reader.manifest, reader.chunks())

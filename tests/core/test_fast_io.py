@@ -11,11 +11,12 @@ import torch
 from combllama.core import encode as encode_mod
 from combllama.core.encode import EncodeConfig, ingest
 from combllama.core.engine import Engine, GenerateOptions
-from combllama.core.errors import CorruptMemoryError
-from combllama.core.fast.load import load_memory, loadable
+from combllama.core.errors import CorruptMemoryError, IncompatibleMemoryError
+from combllama.core.fast.load import attach_reader, load_memory, loadable
 from combllama.core.fast.pipeline import PipelinedWriter
 from combllama.core.memory.bundle import MemoryReader
 from combllama.core.methods import Budget, from_manifest, get_method
+from combllama.core.model import ModelSpec, load_model
 from combllama.core.prompt import turn_ids
 
 
@@ -78,6 +79,22 @@ def test_fast_loader_equals_attach(tiny, long_doc, store, method, budget, piece,
     opts = GenerateOptions(max_new_tokens=8)
     assert list(Engine(tiny.model, got, tiny.eos_ids, fast=True).generate(q, opts)) == \
         list(Engine(tiny.model, ref, tiny.eos_ids, fast=False).generate(q, opts))
+
+
+def test_attach_reader_takes_the_fast_loader_where_it_applies(tiny, tiny_dir_other, long_doc, store):
+    """What ask and chat call: the fast loader on CUDA (forced here), the method's attach elsewhere; the
+    same answer either way, and another model's memory refused before anything is read."""
+    ingest(tiny, long_doc, get_method("full"), store, name="m", config=EncodeConfig(chunk_tokens=96))
+    reader = store.open("m")
+    plain, fast = attach_reader(reader, tiny), attach_reader(reader, tiny, fast=True)
+    assert getattr(plain.cache, "_combllama_static", None) is None and fast.cache._combllama_static is not None
+    q = turn_ids(tiny.tokenizer, "Which lantern hangs in room 3?")
+    opts = GenerateOptions(max_new_tokens=8)
+    assert list(Engine(tiny.model, fast, tiny.eos_ids).generate(q, opts)) == \
+        list(Engine(tiny.model, plain, tiny.eos_ids, fast=False).generate(q, opts))
+    other = load_model(ModelSpec(str(tiny_dir_other), device="cpu"))
+    with pytest.raises(IncompatibleMemoryError):
+        attach_reader(reader, other, fast=True)
 
 
 def test_fast_loader_refuses_corruption(tiny, long_doc, store):

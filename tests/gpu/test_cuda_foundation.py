@@ -7,6 +7,7 @@ import torch
 from combllama.core.encode import EncodeConfig, ingest
 from combllama.core.engine import Engine, GenerateOptions
 from combllama.core.errors import CorruptMemoryError
+from combllama.core.fast.load import attach_reader
 from combllama.core.methods import from_manifest, get_method
 from combllama.core.methods.base import prefill
 from combllama.core.model import ModelSpec, load_model
@@ -58,7 +59,20 @@ def test_bf16_answer_and_cpu_written_memory(cuda_bf16, smollm2, sample_doc, stor
     assert "Ada" in answer
 
 
-def test_nothing_reaches_the_gpu_before_checks_pass(cuda_bf16, smollm2, sample_doc, store):
+def test_attach_reader_answers_like_the_method_attach(cuda_bf16, smollm2, sample_doc, store):
+    """What ask and chat use on CUDA: the fast loader (with the kernel warm-up beside it)."""
+    ingest(smollm2, sample_doc, get_method("full"), store, name="m", config=EncodeConfig(chunk_tokens=64))
+    fast = attach_reader(store.open("m"), cuda_bf16)
+    assert fast.cache._combllama_static is not None
+    q = turn_ids(cuda_bf16.tokenizer, QUESTION)
+    opts = GenerateOptions(max_new_tokens=32)
+    got = list(Engine(cuda_bf16.model, fast, cuda_bf16.eos_ids).generate(q, opts))
+    assert got == list(Engine(cuda_bf16.model, _attach(cuda_bf16, store, "m"), cuda_bf16.eos_ids).generate(q, opts))
+    assert "Ada" in cuda_bf16.tokenizer.decode(got)
+
+
+@pytest.mark.parametrize("attach", ["method", "reader"])
+def test_nothing_reaches_the_gpu_before_checks_pass(cuda_bf16, smollm2, sample_doc, store, attach):
     ingest(smollm2, sample_doc, get_method("full"), store, name="bad", config=EncodeConfig(chunk_tokens=64))
     reader = store.open("bad")
     last = reader.root / reader.manifest["chunks"][-1]["file"]
@@ -68,6 +82,6 @@ def test_nothing_reaches_the_gpu_before_checks_pass(cuda_bf16, smollm2, sample_d
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     with pytest.raises(CorruptMemoryError):
-        _attach(cuda_bf16, store, "bad")
+        _attach(cuda_bf16, store, "bad") if attach == "method" else attach_reader(store.open("bad"), cuda_bf16)
     torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated() == before
+    assert torch.cuda.memory_allocated() == before  # (the reader's kernel warm-up holds only zeros, and frees them)
