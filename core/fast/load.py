@@ -162,10 +162,10 @@ def load_memory(reader, model, *, capacity: int = 1024, workers: int | None = No
     return KVMemory(cache, m["positions"]["logical_length"], [total] * L, spans)
 
 
-def attach_reader(reader, loaded, *, fast: bool | None = None) -> KVMemory:
+def attach_reader(reader, loaded, *, fast: bool | None = None, timings: dict | None = None) -> KVMemory:
     """The memory of `reader` attached to `loaded`'s model, checked first (fingerprint, then whether it fits
     the device, before any tensor is read): through load_memory where it applies (a block-layout memory on
-    CUDA, or `fast` True), else through the method's own attach."""
+    CUDA, or `fast` True; `timings` as there), else through the method's own attach."""
     from ..methods import from_manifest
 
     reader.check_model(loaded.fingerprint)
@@ -175,12 +175,12 @@ def attach_reader(reader, loaded, *, fast: bool | None = None) -> KVMemory:
         fast = loaded.device.type == "cuda"
     if fast and loadable(reader.manifest):
         if loaded.device.type != "cuda":
-            return load_memory(reader, loaded.model)
+            return load_memory(reader, loaded.model, timings=timings)
         from .decode import warm_up
 
         with ThreadPoolExecutor(max_workers=1) as side:  # the device is idle while pass 1 reads and hashes
             warm = side.submit(warm_up, loaded.model)
-            memory = load_memory(reader, loaded.model)
+            memory = load_memory(reader, loaded.model, timings=timings)
             warm.result()
         return memory
     return method.attach(loaded.model, reader.manifest, reader.chunks())
