@@ -123,6 +123,8 @@ def summarize(rows: list[dict], tasks) -> list[dict]:
     keys = sorted({(r["method"], r["budget"]) for r in rows}, key=lambda k: (k[0], -k[1]))
     truncate_long = {r["case"]: r["fidelity"] for r in rows if r["method"] == "truncate" and r["budget"] == 1.0
                      and r.get("status") == "ok" and "fidelity" in r and "kl_sum" not in r["fidelity"]}
+    full_solved = {r["case"] for r in rows if r["method"] == "full" and r["task"] == "retrieval"
+                   and r.get("status") == "ok" and r["score"] == 1.0}
     for method, budget in keys:
         cell = [r for r in rows if r["method"] == method and r["budget"] == budget]
         ok = [r for r in cell if r.get("status") == "ok"]
@@ -154,6 +156,10 @@ def summarize(rows: list[dict], tasks) -> list[dict]:
                 by_kind.setdefault(r["meta"].get("kind", "?"), []).append(r["score"])
             s["retrieval"] = {"cases": len(ret), "accuracy": sum(r["score"] for r in ret) / len(ret),
                               "by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}}
+            if full_solved:  # the issues' retrieval bar: every case `full` solves
+                s["retrieval"]["where_full_solves"] = {
+                    "of": len(full_solved), "solved": sum(r["score"] == 1.0 for r in ret if r["case"] in full_solved),
+                    "missed": sorted(r["case"] for r in ret if r["case"] in full_solved and r["score"] != 1.0)}
         qa = [r for r in ok if r["task"] == "qa"]
         if "qa" in tasks and qa:
             s["qa"] = {"cases": len(qa), "em": sum(r["em"] for r in qa) / len(qa), "f1": sum(r["f1"] for r in qa) / len(qa)}
@@ -166,8 +172,15 @@ def summarize(rows: list[dict], tasks) -> list[dict]:
             else:
                 s["citation"] = {"status": "unavailable",
                                  "reason": sorted({c.get("reason", "") for c in cites if c["status"] != "ok"})}
+        parts = [_nested(s, "fidelity", "top1"), _nested(s, "retrieval", "accuracy"), _nested(s, "qa", "f1")]
+        if all(x is not None for x in parts):  # one number per (method, budget) to rank methods on the whole grid
+            s["average"] = sum(parts) / 3
         out.append(s)
     return out
+
+
+def _nested(s: dict, a: str, b: str):
+    return (s.get(a) or {}).get(b)
 
 
 def machine() -> dict:

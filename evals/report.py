@@ -74,6 +74,14 @@ def markdown(result: dict) -> str:
     if full:
         lines += ["", f"Full-context continuation perplexity: {_fmt(full['fidelity']['ppl_full'], 2)} "
                       f"over {full['fidelity']['tokens']} tokens."]
+    ranked = [s for s in result["summary"] if s.get("average") is not None or _dict(s, "retrieval", "where_full_solves")]
+    if ranked:
+        lines += ["", "Averaged grid (mean of top-1, retrieval accuracy and QA F1) and the retrieval cases `full` solves:",
+                  "", "| method | budget | average | solved where full solves | missed |", "|---|---|---|---|---|"]
+        for s in ranked:
+            w = _dict(s, "retrieval", "where_full_solves")
+            lines.append(f"| {s['method']} | {s['budget']} | {_fmt(s.get('average'))} | "
+                         + (f"{w['solved']} of {w['of']} | {', '.join(w['missed']) or '–'}" if w else "– | –") + " |")
     kinds = sorted({k for s in result["summary"] for k in (_dict(s, "retrieval", "by_kind"))})
     if kinds:
         lines += ["", "Retrieval by task:", "", "| method | budget | " + " | ".join(kinds) + " |",
