@@ -257,6 +257,32 @@ def test_tau_one_reproduces_full_logits_and_answer(tiny, sample_doc, store, para
     assert [lay.keys.shape[-2] for lay in hc.cache.layers] == [0] * len(hc.lengths)  # trimmed to the memory
 
 
+def test_a_memory_from_before_the_spread_calibration_outliers_and_rescoring_still_serves(tiny, sample_doc, store):
+    """Memories written before calib_span, outliers and candidates existed: codebooks in the first chunk, codes in
+    every later one, and params without those keys (they take their defaults at attach). Still exact at τ = 1."""
+    import json
+
+    from combllama.core.memory.format import CHECKSUM, manifest_checksum
+
+    _, full = _memory(tiny, sample_doc, store, "full")
+    reader, _ = _memory(tiny, sample_doc, store, "hcattention", {"tau": 1.0, "recent": 8, "calib_tokens": 40,
+                                                                  "calib_span": 40, "outliers": 0.0})
+    path = reader.root / "MANIFEST.json"
+    manifest = json.loads(path.read_text())
+    for key in ("calib_span", "outliers", "candidates"):
+        del manifest["method"]["params"][key]
+    manifest[CHECKSUM] = manifest_checksum(manifest)  # sealed as the older code sealed it
+    path.write_text(json.dumps(manifest))
+    old = store.open(reader.name)
+    assert "codebooks" in old.manifest["chunks"][0]["tensors"]
+    assert all("codes" in r["tensors"] for r in old.manifest["chunks"][1:])
+    hc = from_manifest(old.manifest).attach(tiny.model, old.manifest, old.chunks())
+    q = turn_ids(tiny.tokenizer, QUESTION)
+    torch.testing.assert_close(prefill(tiny.model, q, hc.cache, hc.logical_length, hc.lengths[0]),
+                               prefill(tiny.model, q, full.cache, full.logical_length, full.lengths[0]),
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_default_settings_stay_close_to_full(tiny, long_doc, store):
     _, full = _memory(tiny, long_doc, store, "full", chunk_tokens=256)
     _, hc = _memory(tiny, long_doc, store, "hcattention", chunk_tokens=256)
