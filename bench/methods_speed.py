@@ -39,7 +39,8 @@ def main(argv=None) -> None:
     from combllama.core.encode import EncodeConfig, ingest
     from combllama.core.engine import Engine, GenerateOptions
     from combllama.core.memory.store import MemoryStore
-    from combllama.core.methods import Budget, from_manifest, get_method
+    from combllama.core.fast.load import attach_reader
+    from combllama.core.methods import Budget, get_method
     from combllama.core.model import ModelSpec, load_model
     from combllama.core.prompt import turn_ids
 
@@ -67,9 +68,7 @@ def main(argv=None) -> None:
             ttfts = []
             for _ in range(3):
                 t = time.perf_counter()
-                reader = store.open(res.name)
-                reader.check_model(loaded.fingerprint)
-                memory = from_manifest(reader.manifest).attach(loaded.model, reader.manifest, reader.chunks())
+                memory = attach_reader(store.open(res.name), loaded)  # as ask and chat attach
                 engine = Engine(loaded.model, memory, loaded.eos_ids)
                 gen = engine.generate(q, GenerateOptions(max_new_tokens=args.decode_tokens))
                 next(gen, None)
