@@ -97,8 +97,8 @@ def test_oom_during_ingest_drops_every_reference_to_the_work_in_flight(tiny, sam
     made = {}
     real_encoder = method.encoder
 
-    def encoder(model, total_tokens):
-        enc = real_encoder(model, total_tokens)
+    def encoder(model, total_tokens, reserve=0):
+        enc = real_encoder(model, total_tokens, reserve)
         made["encoder"], made["its cache"] = weakref.ref(enc), weakref.ref(enc.cache)
         return enc
 
