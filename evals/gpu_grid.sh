@@ -71,12 +71,15 @@ grid)
   # One piece per method, each under its own timeout: a slow method costs its own row, not the run's.
   # PARALLEL=1 runs the pieces side by side (SmolLM2 leaves the GPU mostly idle; each piece gets 2 threads).
   [ "${PARALLEL:-0}" = 1 ] && export OMP_NUM_THREADS=2
+  rm -f "$OUTS"/*.piece
+  names=()
   for spec in ${PIECES:?PIECES="full truncate kvcompose kvpress:snapkv ..."}; do
     extra=()
     case $spec in *~*) extra=(--chunk-tokens "${spec#*~}"); spec=${spec%~*} ;; esac  # METHOD@B~1024: chunk tokens
     budgets=1,0.5,0.25,0.125; [ "$spec" = full ] && budgets=1
     case $spec in *@*) budgets=${spec#*@}; spec=${spec%@*} ;; esac  # METHOD@0.125,0.25: its own budgets
     name=$(echo "$spec@$budgets${extra[1]:+~${extra[1]}}" | tr -c 'A-Za-z0-9_.\n' '-')
+    names+=("$name")
     if [ "${PARALLEL:-0}" = 1 ]; then
       run_piece "$name" "${PIECE_LIMIT:-110}" --methods "$spec" --budgets $budgets "${TASKS[@]}" "${SIZES[@]}" \
         "${extra[@]}" > "$OUTS/$name.piece" 2>&1 &
@@ -93,5 +96,7 @@ grid)
   fi
   wait
   if [ "${PARALLEL:-0}" = 1 ]; then cat "$OUTS"/*.piece; pkill -f run_kvpress.py 2>/dev/null || true; fi
+  # A run brings back at most 8 files: every piece's results.json and log also travel in one archive.
+  (cd "$OUTS" && tar czf "$OUT/pieces.tgz" $(for n in "${names[@]}"; do echo "$n/results.json $n.log"; done) 2>/dev/null) || true
   ;;
 esac
