@@ -14,6 +14,8 @@ from .errors import BadInputError, ResourceError
 from .methods.base import KVMemory, prefill, trim_cache
 from .sampling import sample
 
+GREEDY_BURST = 4  # greedy tokens per CUDA-graph replay (fast path): one host sync per 4, streamed at once
+
 
 def is_out_of_memory(e: BaseException) -> bool:
     """A device (torch.OutOfMemoryError) or host allocation failure raised by a tensor op."""
@@ -117,7 +119,10 @@ class Engine:
         t0 = time.perf_counter()
         pos = mem.logical_length
         phys = mem.lengths[0]
-        fast = self._fast_decoder(len(ids) + budget)
+        # Greedy on a CUDA graph: tokens come from the device GREEDY_BURST at a time (one sync per burst).
+        fast = self._fast_decoder(len(ids) + budget + GREEDY_BURST)
+        burst = GREEDY_BURST if fast is not None and fast.use_graph and options.temperature <= 0 else 0
+        queue: list[int] = []
         st.extra["path"] = "plain" if fast is None else f"fast ({fast.backend}{', unified decode' if fast.unified else ''}{', cuda graph' if fast.use_graph else ''})"
         oom = False
         try:
@@ -127,8 +132,8 @@ class Engine:
             t1 = time.perf_counter()
             for i in range(budget):
                 # Greedy picks on the device (the same argmax) and copies one integer, not the vocabulary.
-                token = sample(logits if options.temperature <= 0 else logits.float().cpu(), options.temperature,
-                               options.top_p, gen)
+                token = queue.pop(0) if queue else sample(logits if options.temperature <= 0 else logits.float().cpu(),
+                                                          options.temperature, options.top_p, gen)
                 if token in self.eos_ids:
                     st.stop = "eos"
                     break
@@ -139,8 +144,13 @@ class Engine:
                 if i + 1 == budget:
                     st.stop = "length"
                     break
+                if queue:
+                    continue  # the burst already fed this token
                 if fast is None:
                     logits = prefill(self.model, [token], mem.cache, pos, phys)
+                elif burst:
+                    queue = fast.greedy_steps(token, pos, burst)  # feeds token, picks the next `burst`
+                    pos, phys = pos + burst - 1, phys + burst - 1
                 else:
                     logits = fast.step(token, pos)
                 pos, phys = pos + 1, phys + 1

@@ -76,6 +76,7 @@ class FastDecoder:
         self._graph = None
         self._graph_key = None
         self._logits = None
+        self._burst = self._burst_key = self._picked = None  # greedy_steps' graph
         self.vocab = model.get_input_embeddings().num_embeddings
 
     def _check_ids(self, ids: list[int]) -> None:
@@ -177,6 +178,70 @@ class FastDecoder:
         st.used += 1
         st.used_t.fill_(st.used)
         return out
+
+    def greedy_steps(self, token: int, pos: int, k: int) -> list[int]:
+        """k greedy decode steps: `token` at logical position `pos`, then each step's argmax fed to the next
+        on the device (one CUDA graph for all k when graphs are used). Returns the k tokens picked, brought to
+        the host at once: one synchronisation per k tokens instead of one per token."""
+        import torch
+
+        st = self.static
+        if st.used + k > st.capacity:
+            raise ValueError(f"turn buffer full ({st.capacity} slots)")
+        self._check_ids([token])
+        self._tok.fill_(token)
+        self._pos.fill_(pos)
+        with torch.no_grad():
+            if not self.use_graph:
+                picked = self._greedy_body(k)
+            else:
+                key = (self._key(), k)
+                if self._burst is None or self._burst_key != key:
+                    self._capture_burst(k)
+                self._burst.replay()
+                picked = self._picked
+            out = picked.tolist()
+        st.used += k
+        st.used_t.fill_(st.used)
+        return out
+
+    def _greedy_body(self, k: int):
+        """The k steps on the device: advances _tok, _pos and used_t; returns the picks [k] (long)."""
+        import torch
+
+        picked = []
+        for _ in range(k):
+            nxt = self._forward(self._tok, self._pos, self.static.used_t, decode=True).argmax(-1)  # [1]
+            picked.append(nxt)
+            self._tok.copy_(nxt.view(1, 1))
+            self._pos.add_(1)
+            self.static.used_t.add_(1)
+        return torch.cat(picked)
+
+    def _capture_burst(self, k: int) -> None:
+        """As _capture, for greedy_steps: the warm-up runs advance _tok, _pos and used_t, so they are put back
+        before each run and before the replay (the K/V the warm-up wrote are the ones the replay rewrites)."""
+        import torch
+
+        st = self.static
+        saved = [t.clone() for t in (self._tok, self._pos, st.used_t)]
+
+        def restore():
+            for t, v in zip((self._tok, self._pos, st.used_t), saved):
+                t.copy_(v)
+
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                restore()
+                self._greedy_body(k)
+            restore()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._picked = self._greedy_body(k)
+        self._burst, self._burst_key = graph, (self._key(), k)
 
     def _capture(self) -> None:
         """Warm up on a side stream (allocator, kernel selection), then record one step. Warm-up runs

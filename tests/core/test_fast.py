@@ -144,6 +144,28 @@ def test_static_cache_logits_match_dynamic_cache(model):
         assert rel(f, r) < 1e-5
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_greedy_steps_equal_one_step_at_a_time(model, k):
+    """greedy_steps(token, pos, k) (the CUDA graph's body, run eagerly here) feeds each argmax to the next
+    step on the device: the same tokens, slots and positions as k calls of step() and argmax."""
+    g = torch.Generator().manual_seed(3)
+    mem_ids = torch.randint(0, 512, (50,), generator=g).tolist()
+    question = torch.randint(0, 512, (7,), generator=g).tolist()
+    one = fast_decoder(model, memory_of(model, mem_ids), 32, use_graph=False)
+    tok, pos, want = int(one.prefill(question, 50).argmax()), 57, []
+    for _ in range(6):
+        tok = int(one.step(tok, pos).argmax())
+        want.append(tok)
+        pos += 1
+    burst = fast_decoder(model, memory_of(model, mem_ids), 32, use_graph=False)
+    tok, pos, got = int(burst.prefill(question, 50).argmax()), 57, []
+    while len(got) < 6:
+        got += burst.greedy_steps(tok, pos, k)
+        tok, pos = got[-1], pos + k
+    assert got[:6] == want
+    assert burst.static.used == 7 + len(got) and int(burst.static.used_t) == burst.static.used
+
+
 def test_two_prefills_and_a_compressed_layout_match_plain(model):
     """The turn part's masked path (a prefill after earlier turn tokens: query i sees slots up to its
     own) and a memory whose logical length exceeds its entries (positions continue from the logical

@@ -171,6 +171,23 @@ def test_engine_takes_the_fast_path_on_cuda_and_answers_like_plain(model32):
     assert list(Engine(model32, memory, [], fast=False).generate(q, opts)) == fast[0]
 
 
+def test_greedy_bursts_stop_where_one_step_at_a_time_stops(model32):
+    """Greedy answers come GREEDY_BURST tokens per graph replay: a budget that is not a multiple of it, and an
+    EOS in the middle of a burst, end the answer exactly where the plain path ends it."""
+    g = torch.Generator().manual_seed(5)
+    memory = memory_of(model32, torch.randint(0, 1024, (600,), generator=g).tolist())
+    q = torch.randint(0, 1024, (5,), generator=g).tolist()
+    plain = list(Engine(model32, memory, [], fast=False).generate(q, GenerateOptions(max_new_tokens=11)))
+    eng = Engine(model32, memory, [], fast=True)
+    assert list(eng.generate(q, GenerateOptions(max_new_tokens=7))) == plain[:7]
+    eos = plain[5]
+    stop = plain.index(eos)
+    eng = Engine(model32, memory, [eos], fast=True)
+    assert list(eng.generate(q, GenerateOptions(max_new_tokens=11))) == plain[:stop]
+    assert eng.stats.stop == "eos" and eng.stats.extra["path"].endswith("cuda graph)")
+    assert list(eng.generate(q, GenerateOptions(max_new_tokens=11))) == plain[:stop]  # again: the burst graph reused
+
+
 def test_graph_survives_a_larger_turn(model32):
     """A turn longer than the turn buffer (fresh buffers, a new graph) between two short ones. (The H100
     run's failure here was the test's own prompt, ids 100..1399 past the 1024-token vocabulary: an
