@@ -171,21 +171,27 @@ def test_engine_takes_the_fast_path_on_cuda_and_answers_like_plain(model32):
     assert list(Engine(model32, memory, [], fast=False).generate(q, opts)) == fast[0]
 
 
-def test_greedy_bursts_stop_where_one_step_at_a_time_stops(model32):
-    """Greedy answers come GREEDY_BURST tokens per graph replay: a budget that is not a multiple of it, and an
-    EOS in the middle of a burst, end the answer exactly where the plain path ends it."""
+def test_greedy_bursts_stop_where_one_step_at_a_time_stops(model32, monkeypatch):
+    """Greedy answers come GREEDY_BURST tokens per graph replay: the same tokens as one graph replay per token
+    (GREEDY_BURST 0, the same kernels), and a budget that is not a multiple of the burst, or an EOS in the middle
+    of a burst, ends the answer where one step at a time ends it."""
+    import combllama.core.engine as engine
+
     g = torch.Generator().manual_seed(5)
     memory = memory_of(model32, torch.randint(0, 1024, (600,), generator=g).tolist())
     q = torch.randint(0, 1024, (5,), generator=g).tolist()
-    plain = list(Engine(model32, memory, [], fast=False).generate(q, GenerateOptions(max_new_tokens=11)))
+    monkeypatch.setattr(engine, "GREEDY_BURST", 0)
+    single = list(Engine(model32, memory, [], fast=True).generate(q, GenerateOptions(max_new_tokens=11)))
+    monkeypatch.setattr(engine, "GREEDY_BURST", 4)
     eng = Engine(model32, memory, [], fast=True)
-    assert list(eng.generate(q, GenerateOptions(max_new_tokens=7))) == plain[:7]
-    eos = plain[5]
-    stop = plain.index(eos)
+    assert list(eng.generate(q, GenerateOptions(max_new_tokens=7))) == single[:7]
+    assert memory.cache._combllama_fast._burst is not None  # the burst graph answered
+    eos = single[5]
+    stop = single.index(eos)
     eng = Engine(model32, memory, [eos], fast=True)
-    assert list(eng.generate(q, GenerateOptions(max_new_tokens=11))) == plain[:stop]
+    assert list(eng.generate(q, GenerateOptions(max_new_tokens=11))) == single[:stop]
     assert eng.stats.stop == "eos" and eng.stats.extra["path"].endswith("cuda graph)")
-    assert list(eng.generate(q, GenerateOptions(max_new_tokens=11))) == plain[:stop]  # again: the burst graph reused
+    assert list(eng.generate(q, GenerateOptions(max_new_tokens=11))) == single[:stop]  # again: the graph reused
 
 
 def test_graph_survives_a_larger_turn(model32):
@@ -205,7 +211,7 @@ def test_graph_survives_a_larger_turn(model32):
     assert answer == list(Engine(model32, memory, [], fast=False).generate(long, opts))
     assert list(eng.generate(short, opts)) == first
     dec = memory.cache._combllama_fast
-    assert dec.use_graph and dec._graph_key[0] == st.generation  # recaptured over the new buffers
+    assert dec.use_graph and dec._burst_key[0][0] == st.generation  # greedy bursts recaptured over the new buffers
 
 
 def test_out_of_vocabulary_ids_leave_cuda_usable(model32):
