@@ -161,22 +161,16 @@ class FastDecoder:
         the next step overwrites when graphs are used)."""
         import torch
 
-        st = self.static
-        if st.used + 1 > st.capacity:
-            raise ValueError(f"turn buffer full ({st.capacity} slots)")
-        self._check_ids([token])
-        self._tok.fill_(token)
-        self._pos.fill_(pos)
+        self._begin(token, pos, 1)
         with torch.no_grad():
             if not self.use_graph:
-                out = self._forward(self._tok, self._pos, st.used_t, decode=True)[0]
+                out = self._forward(self._tok, self._pos, self.static.used_t, decode=True)[0]
             else:
                 if self._graph is None or self._graph_key != self._key():
                     self._capture()
                 self._graph.replay()
                 out = self._logits[0]
-        st.used += 1
-        st.used_t.fill_(st.used)
+        self._end(1)
         return out
 
     def greedy_steps(self, token: int, pos: int, k: int) -> list[int]:
@@ -185,12 +179,7 @@ class FastDecoder:
         the host at once: one synchronisation per k tokens instead of one per token."""
         import torch
 
-        st = self.static
-        if st.used + k > st.capacity:
-            raise ValueError(f"turn buffer full ({st.capacity} slots)")
-        self._check_ids([token])
-        self._tok.fill_(token)
-        self._pos.fill_(pos)
+        self._begin(token, pos, k)
         with torch.no_grad():
             if not self.use_graph:
                 picked = self._greedy_body(k)
@@ -201,9 +190,21 @@ class FastDecoder:
                 self._burst.replay()
                 picked = self._picked
             out = picked.tolist()
-        st.used += k
-        st.used_t.fill_(st.used)
+        self._end(k)
         return out
+
+    def _begin(self, token: int, pos: int, n: int) -> None:
+        """Room for n more turn slots, a valid token, and the step's device inputs set."""
+        if self.static.used + n > self.static.capacity:
+            raise ValueError(f"turn buffer full ({self.static.capacity} slots)")
+        self._check_ids([token])
+        self._tok.fill_(token)
+        self._pos.fill_(pos)
+
+    def _end(self, n: int) -> None:
+        st = self.static
+        st.used += n
+        st.used_t.fill_(st.used)
 
     def _greedy_body(self, k: int):
         """The k steps on the device: advances _tok, _pos and used_t; returns the picks [k] (long)."""
