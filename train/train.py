@@ -16,6 +16,10 @@ every --ckpt-every steps, train_log.csv (one row per step) and train_summary.jso
 
     torchrun --nproc_per_node=1 -m combllama.train.train --model DIR --data .carry/train --out $OUT
     python -m combllama.train.train --smoke                      # CPU, tiny random model, seconds
+
+--init PATH continues from an adapter file (this script's output or the shipped adapter): its config must
+equal the one the arguments build (rank, cross layers, switches) and its base weights the model's; its
+tensors (bf16 on disk, gates fp32) become the fp32 master weights; the optimizer starts fresh (warmup again).
 """
 from __future__ import annotations
 
@@ -49,6 +53,8 @@ def parse(argv=None):
     ap.add_argument("--chunk-max", type=int, default=512)
     ap.add_argument("--copy-frac", type=float, default=0.2)
     ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--init", default=None, metavar="PATH",
+                    help="start from this adapter file (weights.py save_adapter; same config and base model)")
     ap.add_argument("--no-chunk-order", action="store_true", help="no chunk-index embedding (ablation)")
     ap.add_argument("--qk-norm", action="store_true")
     ap.add_argument("--lr", type=float, default=5e-4)
@@ -250,6 +256,31 @@ def check_varlen(device) -> str:
             return f"sdpa-block-diagonal (varlen_attn failed: {type(e).__name__})"
 
 
+def load_init(path: str, adapter, config, base_weights: str) -> dict:
+    """Copy an adapter file's tensors into `adapter` (fp32 parameters already); returns what the run records:
+    path, sha256 and the file's own training info (its steps, its command, and its own init if any)."""
+    from safetensors.torch import load_file
+
+    from ..core.methods.combllama.weights import file_digest, read_header
+
+    meta = read_header(Path(path))
+    if meta["config"] != config:
+        have, want = json.loads(meta["config"].to_json()), json.loads(config.to_json())
+        diff = {k: (have.get(k), want.get(k)) for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)}
+        raise SystemExit(f"--init {path}: its config differs from this run's (file, run): {diff}")
+    if meta["base_weights"] != base_weights:
+        raise SystemExit(f"--init {path}: trained for {meta.get('base_name')!r} ({meta['base_weights'][:18]}…), "
+                         f"not this model ({base_weights[:18]}…)")
+    state = load_file(str(path), device="cpu")
+    missing, unexpected = adapter.load_state_dict(state, strict=False)  # copy_ into the fp32 parameters
+    if missing or unexpected:
+        raise SystemExit(f"--init {path}: tensors do not match (missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]})")
+    prior = meta["info"]
+    return {"path": str(path), "sha256": file_digest(Path(path)).hex(), "steps": prior.get("step"),
+            "command": prior.get("command"), "init": prior.get("init")}
+
+
 # --- main ----------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> dict:
@@ -275,6 +306,8 @@ def main(argv=None) -> dict:
     adapter = CombAdapter.from_base(model, config)
     for p in adapter.parameters():  # fp32 master weights; the frozen copies stay in the base dtype
         p.data = p.data.float()
+    base_weights = weights_fingerprint(model)
+    init = load_init(args.init, adapter, config, base_weights) if args.init else None
     install_hooks(model)
     student = Student(adapter, model).train()
     net = student
@@ -288,19 +321,21 @@ def main(argv=None) -> dict:
                              {"params": gates, "lr": args.gate_lr, "weight_decay": 0.0}], betas=(0.9, 0.95))
     base_lrs = [g["lr"] for g in opt.param_groups]
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    meta = dict(base_fingerprint=base.fingerprint, base_weights=weights_fingerprint(model), base_name=base.name)
+    meta = dict(base_fingerprint=base.fingerprint, base_weights=base_weights, base_name=base.name)
     name = args.name or ("smollm2-135m-instruct" if base.name.startswith("smollm2-135m-instruct") else base.name)
     n_train = sum(p.numel() for p in adapter.parameters())
     if rank == 0:
         print(f"combllama train: {base.name} on {device} × {world}, kernel {kernel}, cross layers "
               f"{list(config.cross_layers)}, rank {args.rank}, {n_train:,} trained parameters, prefix {len(prefix)} "
               f"tokens, data {sum(shards.sizes):,} tokens; setup {time.perf_counter() - t_start:.1f} s", flush=True)
+        if init:
+            print(f"init from {init['path']} (sha256 {init['sha256'][:16]}…, {init['steps']} steps)", flush=True)
     log = open(out / "train_log.csv", "w", newline="") if rank == 0 else None
     writer = csv.writer(log) if log else None
     if writer:
         writer.writerow(["step", "seconds", "lr", "loss", "kl", "ce", "teacher_ce", "gate_attn_mean",
                          "gate_mlp_mean", "tokens_per_s"])
-    info = {"args": vars(args), "world": world, "kernel": kernel, "command": " ".join(sys.argv)}
+    info = {"args": vars(args), "world": world, "kernel": kernel, "command": " ".join(sys.argv), "init": init}
 
     def save(path: Path, step: int):
         if rank == 0:
@@ -353,7 +388,7 @@ def main(argv=None) -> dict:
     summary = {"adapter": str(final), "steps": steps_done, "train_seconds": round(time.perf_counter() - t0, 1),
                "wall_seconds": round(time.perf_counter() - t_start, 1), "tokens_seen": tokens, "world": world,
                "kernel": kernel, "last": last, "base": meta, "data": shards.manifest.get("sources"),
-               "args": vars(args)}
+               "init": init, "args": vars(args)}
     if rank == 0:
         summary["adapter_bytes"] = final.stat().st_size
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -93,3 +93,43 @@ def test_smoke_run_writes_a_loadable_adapter(shards, tiny, tiny_dir, tmp_path):
     # The gates moved off zero: the adapter now reads its memory.
     assert all(float(b.attn_gate.abs()) > 0 for b in adapter.cross)
     assert json.loads((out / "train_summary.json").read_text())["adapter_bytes"] == path.stat().st_size
+
+
+def test_init_starts_from_a_previous_adapter(shards, tiny, tiny_dir, tmp_path):
+    """--init loads a smoke run's adapter as the starting weights: with 0 steps the saved file holds the same
+    tensors (bf16 → fp32 master → bf16 is exact), and the run records where it started."""
+    from safetensors.torch import load_file
+
+    from combllama.core.methods.combllama.weights import file_digest
+
+    first = tmp_path / "a"
+    train.main(["--smoke", "--model", str(tiny_dir), "--data", str(shards), "--out", str(first), "--steps", "3",
+                "--name", "tiny"])
+    src = first / "tiny.safetensors"
+    second = tmp_path / "b"
+    summary = train.main(["--smoke", "--model", str(tiny_dir), "--data", str(shards), "--out", str(second),
+                          "--steps", "0", "--name", "tiny", "--init", str(src)])
+    assert summary["steps"] == 0
+    assert summary["init"]["sha256"] == file_digest(src).hex() and summary["init"]["steps"] == 3
+    a, b = load_file(str(src)), load_file(str(second / "tiny.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert any(float(a[k].abs().max()) > 0 for k in a if k.endswith("_gate"))  # trained, not zero-initialised
+    assert read_header(second / "tiny.safetensors")["info"]["init"]["path"] == str(src)
+    # A continuation trains on from there: its first logged step is not the zero-gate start.
+    third = tmp_path / "c"
+    train.main(["--smoke", "--model", str(tiny_dir), "--data", str(shards), "--out", str(third), "--steps", "1",
+                "--name", "tiny", "--init", str(src)])
+    fresh = list(csv.DictReader(open(first / "train_log.csv")))[0]
+    cont = list(csv.DictReader(open(third / "train_log.csv")))[0]
+    assert float(cont["gate_attn_mean"]) > float(fresh["gate_attn_mean"])
+
+
+def test_init_refuses_another_config(shards, tiny_dir, tmp_path):
+    first = tmp_path / "a"
+    train.main(["--smoke", "--model", str(tiny_dir), "--data", str(shards), "--out", str(first), "--steps", "1",
+                "--name", "tiny"])
+    with pytest.raises(SystemExit, match="config differs"):
+        train.main(["--smoke", "--model", str(tiny_dir), "--data", str(shards), "--out", str(tmp_path / "b"),
+                    "--steps", "1", "--name", "tiny", "--rank", "2", "--init", str(first / "tiny.safetensors")])
