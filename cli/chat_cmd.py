@@ -40,6 +40,9 @@ def sessions_store():
 @click.option("-c", "--continue", "resume_latest", is_flag=True, help="Resume the most recently used session.")
 @click.option("-d", "--doc", "docs", multiple=True, metavar="MEMORY_OR_PATH",
               help="Attach a memory (a path is ingested first, or reused). Repeatable; kept in the session.")
+@click.option("--method", default=None, metavar="NAME",
+              help="Method for paths ingested on the fly and for folding long history into the session memory "
+                   "(kept in the session; default: the first memory's, else the model's default).")
 @click.option("-s", "--system", default=None, metavar="TEXT",
               help="Extra instructions for the model, kept in the session ('' removes them).")
 @click.option("--render", type=click.Choice(["markdown", "plain", "raw"]), default=None,
@@ -55,7 +58,7 @@ def sessions_store():
               help="Nucleus sampling (saved in the session; default 1).")
 @click.option("--seed", type=int, default=None, help="Seed for sampling (saved in the session).")
 @model_options
-def chat(session_name, resume_latest, docs, system, render, stats, no_cite, max_tokens, temperature, top_p, seed,
+def chat(session_name, resume_latest, docs, method, system, render, stats, no_cite, max_tokens, temperature, top_p, seed,
          spec):
     """Chat about documents in a named, resumable session; type /help inside for commands.
 
@@ -81,8 +84,13 @@ def chat(session_name, resume_latest, docs, system, render, stats, no_cite, max_
     if session.model_fingerprint and session.model_fingerprint != loaded.fingerprint:
         warn(f"session {session.name!r} was used with another model ({session.model}); its memories need that model")
     session = store.update_settings(session, model=spec.path or loaded.name, model_fingerprint=loaded.fingerprint)
+    if method is not None:
+        from ..core.methods import get_method
+
+        get_method(method)  # an unknown name fails here, not at the first fold
+        session = store.update_settings(session, {"method": method})
     for doc in docs:
-        reader, _ = resolve_memory(loaded, doc, None, None, quiet=False)
+        reader, _ = resolve_memory(loaded, doc, session.settings.get("method"), None, quiet=False)
         reader.check_model(loaded.fingerprint)
         session = store.add_memory(session, reader.name, reader.manifest.get("content_key"))
     if system is not None:

@@ -144,14 +144,72 @@ class ChatApp:
         self.attached_cache: dict[str, tuple] = {}  # memory name → (reader, KVMemory), reused across /add /drop
         self.conv = None
         self.last: LastAnswer | None = None
+        self.folded = 0  # the oldest turns, held by the session's own memory instead of the prompt
+        self.history_bytes = 0  # that memory's tensor bytes
+        self._history = None  # core.history.SessionHistory, made by the first attach
 
     # ------------------------------------------------------------------ settings, memories, history
 
     def setting(self, key: str):
         return self.session.settings.get(key, DEFAULTS[key])
 
-    def attach(self) -> None:
-        """(Re)build the conversation from the session's memories."""
+    def method_name(self) -> str:
+        """The session's method (long chats fold turns with it): the one `chat --method` set, else the first
+        attached memory's (so history joins the documents), else the model's default."""
+        from ..core.memory.store import MemoryStore
+        from ..core.methods import default_method
+        from ..core.paths import Paths
+
+        if self.session.settings.get("method"):
+            return self.session.settings["method"]
+        for name in self.session.memory_names:
+            try:
+                return MemoryStore(Paths.from_env().memories).open(name).manifest["method"]["name"]
+            except Exception:  # noqa: BLE001 - an unreadable memory is reported by attach
+                continue
+        return default_method(self.loaded).name
+
+    def session_history(self, positions: int):
+        """The session's folded turns (core/history.py); `positions`: what the documents take of the window."""
+        if self._history is None:
+            from ..core.history import HistoryPolicy, SessionHistory, turn_counter
+            from ..core.methods import get_method
+            from ..core.paths import Paths
+
+            policy = HistoryPolicy.for_window(self.loaded.window, positions, self.session.settings.get("history_budget"))
+            self._history = SessionHistory(self.loaded, Paths.from_env().history(self.session.id),
+                                           get_method(self.method_name()), policy, self.session.name,
+                                           turn_counter(self.loaded.tokenizer))
+        return self._history
+
+    def records(self) -> list[tuple[int, str, str]]:
+        """(seq, question, answer) of every turn, oldest first; an answer replaced by /retry is left out."""
+        turns = self.store.turns(self.session)
+        replaced = {t.usage.get("retry_of") for t in turns}
+        return [(t.seq, t.question, t.answer) for t in turns if t.seq not in replaced]
+
+    def fold(self, positions: int) -> bool:
+        """Fold the oldest turns into the session memory where the policy says so; True if it changed."""
+        from .render import human_bytes
+
+        history = self.session_history(positions)
+        result = history.sync(self.records())
+        self.folded, self.history_bytes = result.folded, result.bytes
+        method = history.method.name
+        for e in result.events:
+            if e.kind == "fold":
+                note(f"folded turns {e.first}-{e.last} ({e.tokens:,} tokens) into the session memory ({method}, "
+                     f"+{human_bytes(e.bytes)})")
+            elif e.kind == "compact":
+                note(f"compacted the session memory: turns {e.first}-{e.last} encoded again at {e.fraction:.0%} "
+                     f"({human_bytes(e.bytes)}) to stay within {human_bytes(result.budget)}")
+            else:
+                warn(f"forgot turns {e.first}-{e.last}: the session memory is over its {human_bytes(result.budget)} "
+                     f"budget and {method} cannot compress it further")
+        return bool(result.events)
+
+    def attach(self, fold: bool = True) -> None:
+        """(Re)build the conversation from the session's memories, then its folded turns."""
         from ..core.chat import Conversation, combine
         from ..core.errors import CombllamaError
         from ..core.fast.load import attach_reader
@@ -175,20 +233,28 @@ class ChatApp:
             parts.append((ref.name, reader.manifest, kv))
         for name in set(self.attached_cache) - set(self.session.memory_names):
             del self.attached_cache[name]
+        positions = sum(kv.logical_length for _, _, kv in parts)
+        if fold:
+            self.fold(positions)
+        try:
+            parts += self.session_history(positions).parts()
+        except CombllamaError as e:
+            warn(f"the memory of this session's earlier turns is left out: {e}")
         attached = combine(self.loaded, parts)
         if attached.inactive:
             warn(f"{', '.join(attached.inactive)} left out: together with {', '.join(attached.names)} the memories "
                  f"exceed the model's {self.loaded.window:,}-token window; answers read only "
                  f"{', '.join(attached.names)} (/drop to choose)")
+        if attached.apart:
+            warn(f"{', '.join(attached.apart)} left out: memories of different methods cannot be read together; "
+                 f"answers read only {', '.join(attached.names)}")
         self.conv = Conversation(self.loaded, attached)
 
     def history(self):
-        """Turns for the model, oldest first; an answer replaced by /retry is left out."""
+        """Turns the prompt carries, oldest first: those not folded into the session memory."""
         from ..core.prompt import Turn
 
-        turns = self.store.turns(self.session)
-        replaced = {t.usage.get("retry_of") for t in turns}
-        return [Turn(t.question, t.answer) for t in turns if t.seq not in replaced]
+        return [Turn(q, a) for _, q, a in self.records()[self.folded:]]
 
     def refresh(self) -> None:
         self.session = self.store.get(self.session.id)
@@ -237,7 +303,7 @@ class ChatApp:
         st = self.conv.engine.stats.to_dict()
         usage = {"question_tokens": prompt.question_tokens, "memory_tokens": self.conv.attached.memory.logical_length,
                  "history_tokens": prompt.history_tokens, "output_tokens": len(tokens),
-                 "dropped_turns": prompt.dropped}
+                 "dropped_turns": prompt.dropped, "folded_turns": self.folded, "history_bytes": self.history_bytes}
         if retry_of is not None:
             usage["retry_of"] = retry_of
         timings = {"load_ms": round(self.loaded.load_seconds * 1000), "prefill_ms": round(st["prefill_s"] * 1000),
@@ -247,6 +313,9 @@ class ChatApp:
         self.store.append_turn(self.session, question, text, sources=source_records(cited), usage=usage,
                                timings=timings, interrupted=interrupted)
         self.refresh()
+        positions = sum(self.conv.attached.tokens.get(n, 0) for n in self.session.memory_names)
+        if self.fold(positions):
+            self.attach(fold=False)
         self.last = LastAnswer(question, cited, st, usage)
         if self.cite_on:
             print_sources(cited)
@@ -291,6 +360,10 @@ class ChatApp:
     def cmd_clear(self, arg):
         n = self.store.clear(self.session)
         self.refresh()
+        if self._history is not None:
+            self._history.clear()
+        self.folded = 0
+        self.attach(fold=False)
         note(f"forgot {n} turn(s); memories and settings stay")
 
     def cmd_add(self, arg):
@@ -299,7 +372,7 @@ class ChatApp:
         if not arg:
             error("usage: /add NAME|PATH")
             return
-        reader, _ = resolve_memory(self.loaded, arg, None, None, quiet=False)
+        reader, _ = resolve_memory(self.loaded, arg, self.session.settings.get("method"), None, quiet=False)
         reader.check_model(self.loaded.fingerprint)
         self.session = self.store.add_memory(self.session, reader.name, reader.manifest.get("content_key"))
         self.attached_cache.pop(reader.name, None)
@@ -337,6 +410,12 @@ class ChatApp:
             note(f"{t:>10,}  memory {n}")
         note(f"{instr:>10,}  instructions (/system)")
         note(f"{hist:>10,}  history ({len(history)} turns)")
+        if self.folded:
+            from .render import human_bytes
+
+            h = self._history
+            note(f"{'':>10}  earlier turns: {self.folded} folded into the session memory "
+                 f"({h.method.name}, {human_bytes(h.bytes())} of {human_bytes(h.budget)})")
         note(f"{base:>10,}  turn framing")
         note(f"{window - mem - instr - hist - base:>10,}  free of {window:,} (answers take up to "
              f"{self.setting('max_tokens'):,})")

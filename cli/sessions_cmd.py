@@ -117,13 +117,18 @@ def rename(name, new_name):
 @sessions.command()
 @click.argument("names", nargs=-1, required=True)
 def rm(names):
-    """Delete sessions with their turns (the memories they reference are kept)."""
+    """Delete sessions with their turns and the memory of their folded turns (the memories they
+    reference are kept)."""
+    import shutil
+
+    from ..core.paths import Paths
     from .render import note
 
     store = _store()
     for name in names:
         s = store.get(name)
         store.delete(s)
+        shutil.rmtree(Paths.from_env().history(s.id), ignore_errors=True)
         note(f"removed session {s.name!r} ({s.turn_count} turns)")
 
 

@@ -7,6 +7,8 @@ memories before it; the question then sees [memory 1][memory 2]...[turn] at cons
 What stays approximate — and is documented, not hidden — is that a memory's entries never attended
 to the other memories (each document was read on its own). Memories that together leave less than
 `reserve` positions for the conversation are not combined: the latest ones that fit are active.
+A memory type with its own `concat` (CombLlama: cross memory, which takes no positions) joins its kind
+its own way; caches carrying other attention inputs cannot join, and the latest memory answers alone.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ class Attached:
     memory: KVMemory
     names: list[str]  # active memories, in order
     inactive: list[str] = field(default_factory=list)  # attached but left out (window)
+    apart: list[str] = field(default_factory=list)  # attached but left out (a kind of memory the others cannot join)
     tokens: dict[str, int] = field(default_factory=dict)  # logical tokens per active memory
     chunks: list[ChunkRef] = field(default_factory=list)  # one per cite span
     cite_spans: list[tuple[int, int]] = field(default_factory=list)  # physical [a, b): chunks minus prompt prefix
@@ -100,7 +103,21 @@ def combine(loaded, parts: Sequence[tuple[str, dict, KVMemory]], reserve: int = 
             # Scaled RoPE variants (YaRN, LongRoPE) do not compose by rotation alone.
             inactive += [name for name, _, _ in chosen[:-1]]
             chosen = chosen[-1:]
-    out = Attached(chosen[0][2], [n for n, _, _ in chosen], inactive)
+    apart: list[str] = []
+    if len(chosen) > 1:
+        kinds = {type(m) for _, _, m in chosen}
+        own = getattr(next(iter(kinds)), "concat", None) if len(kinds) == 1 else None
+        plain = kinds == {KVMemory} and not any(getattr(m.cache, "attention_kwargs", None) for _, _, m in chosen)
+        if not own and not plain:
+            # Caches that carry attention inputs (cross memory, key masks, a host store) only join their own
+            # kind; the latest memory answers alone.
+            apart = [name for name, _, _ in chosen[:-1]]
+            chosen = chosen[-1:]
+        elif own:
+            out = Attached(own([m for _, _, m in chosen]), [n for n, _, _ in chosen], inactive)
+            out.tokens = {name: m.logical_length for name, _, m in chosen}
+            return out
+    out = Attached(chosen[0][2], [n for n, _, _ in chosen], inactive, apart)
     logical = physical = 0
     layers_k: list[list] = []
     layers_v: list[list] = []

@@ -45,6 +45,10 @@ class Paths:
             paths = replace(paths, cache=Path(env["COMBLLAMA_CACHE_DIR"]).expanduser())
         return paths
 
+    def history(self, session_id: str) -> Path:
+        """Where a session keeps the memory of its folded turns (core/history.py)."""
+        return self.data / "history" / session_id
+
     def ensure(self, *dirs: Path) -> None:
         """Create the given directories (private to the user)."""
         for d in dirs:

@@ -106,6 +106,8 @@ class Method:
     version: ClassVar[int] = 1
     summary: ClassVar[str]
     kind: ClassVar[str] = "kv"  # what attach returns: "kv" → KVMemory
+    positionless: ClassVar[bool] = False  # its memory takes no window positions: long chats fold turns into it
+    prunes: ClassVar[bool] = False  # a --budget below 1 keeps fewer entries of every token span (history compaction)
     Options: ClassVar[type[Options]] = Options
 
     def __init__(self, options: Options | None = None, budget: Budget | None = None):

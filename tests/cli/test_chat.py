@@ -117,3 +117,35 @@ def test_ask_cites_and_no_cite(tiny_dir, lh):
     assert r.exit_code == 0 and "Sources: lighthouse.md:" in r.stderr
     r = run("ask", lh, "Who?", "--model", str(tiny_dir), "--max-tokens", "3", "--no-cite", "--json")
     assert "sources" not in json.loads(r.stdout)
+
+
+def test_long_chat_folds_old_turns_into_the_session_memory(tiny_dir, isolated_home, monkeypatch):
+    from combllama.core.model import LoadedModel
+    from combllama.core.paths import Paths
+
+    # A 1,100-token window leaves 332 tokens of recent history; ~45-token turns fold after about 8.
+    monkeypatch.setattr(LoadedModel, "window", property(lambda self: 1100))
+    script = "".join(f"Turn {i}: " + "remember " * 30 + "\n" for i in range(14)) + "/tokens\n"
+    r = run("chat", "--session", "long", "--method", "combllama", "--model", str(tiny_dir), "--max-tokens", "4",
+            "--no-cite", input=script)
+    assert r.exit_code == 0, r.stderr
+    st = store(isolated_home)
+    s = st.get("long")
+    assert s.settings["method"] == "combllama"
+    usage = [t.usage for t in st.turns(s)]
+    assert usage[-1]["folded_turns"] > 0 and all(u["dropped_turns"] == 0 for u in usage)
+    assert "folded turns 1-" in r.stderr and "earlier turns:" in r.stderr
+    # The default budget (a quarter of the window's full KV) holds on every turn; here it forces a compaction.
+    from combllama.core.history import default_budget
+    from combllama.core.model import ModelSpec, load_model
+
+    budget = default_budget(load_model(ModelSpec(str(tiny_dir), device="cpu")))
+    assert max(u["history_bytes"] for u in usage) <= budget and "compacted the session memory" in r.stderr
+    folder = Paths.from_env().history(s.id)
+    assert [p.name[:9] for p in folder.iterdir() if p.is_dir()] == ["c0000001-"]
+    # Resumed, the chat finds its folds; /clear and `sessions rm` remove them.
+    r = run("chat", "--session", "long", "--model", str(tiny_dir), "--max-tokens", "2", input="/tokens\n/clear\n")
+    assert "earlier turns:" in r.stderr and not folder.exists()
+    r = run("chat", "--session", "long", "--model", str(tiny_dir), "--max-tokens", "2", input=script)
+    assert folder.exists()
+    assert run("sessions", "rm", "long").exit_code == 0 and not folder.exists()

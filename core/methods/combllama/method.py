@@ -112,6 +112,32 @@ class CombMemory(KVMemory):
         prefix = sum(int(lay.keys.shape[1] * lay.keys.shape[2]) for lay in self.cache.layers if lay.keys is not None)
         return prefix + (self.cross.entries() if self.cross is not None else 0)
 
+    @classmethod
+    def concat(cls, memories: list["CombMemory"]) -> "CombMemory":
+        """One memory reading the cross memories of all `memories` (in order) side by side, after the prompt
+        prefix cache of the first (every memory starts with the same framing). Cross memory has no positions:
+        nothing is re-rotated, and the window holds the prefix once. The parts stay unchanged."""
+        import torch
+
+        from .modules import KWARG, CrossInput
+
+        first = memories[0]
+        L = len(first.cache.layers)
+        kv = [layer_kv(first.cache, i) for i in range(L)]
+        cache = make_cache([(k[:, :, :n], v[:, :, :n]) for (k, v), n in zip(kv, first.lengths)])  # same tensors
+        crosses = [m.cross for m in memories if m.cross is not None]
+        cross = None
+        if crosses:
+            adapter = crosses[0].adapter
+            if any(c.adapter is not adapter or c.masks for c in crosses):
+                raise IncompatibleMemoryError("these memories were encoded with different CombLlama adapters "
+                                              "and cannot be read together")
+            X = len(crosses[0].keys)
+            cross = CrossInput(adapter, [torch.cat([c.keys[i] for c in crosses], 2) for i in range(X)],
+                               [torch.cat([c.values[i] for c in crosses], 2) for i in range(X)])
+            cache.attention_kwargs = {KWARG: cross}
+        return cls(cache, first.logical_length, list(first.lengths), [], cross)
+
 
 def probe_scores(adapter, model, ids, keys, values, agg: str):
     """Scores [X, H, n] of a chunk's memory tokens: the base model re-reads the chunk's ids [n] through its
@@ -205,6 +231,8 @@ class CombEncoder(Encoder):
 
 class CombLlama(Method):
     name = "combllama"
+    positionless = True  # the document is cross memory; only the prompt prefix takes positions
+    prunes = True
     summary = ("CombLlama: chunk encoder + gated cross-attention every 4th layer (a trained adapter per model; "
                "--budget prunes the cross memory with KVCompose)")
     Options = CombLlamaOptions
