@@ -169,8 +169,9 @@ class ChatApp:
                 continue
         return default_method(self.loaded).name
 
-    def session_history(self, positions: int):
-        """The session's folded turns (core/history.py); `positions`: what the documents take of the window."""
+    def session_history(self, positions: int = 0):
+        """The session's folded turns (core/history.py), made once; `positions`: what the documents take of
+        the window (it sets how much history the prompt keeps verbatim)."""
         if self._history is None:
             from ..core.history import HistoryPolicy, SessionHistory, turn_counter
             from ..core.methods import get_method
@@ -188,12 +189,18 @@ class ChatApp:
         replaced = {t.usage.get("retry_of") for t in turns}
         return [(t.seq, t.question, t.answer) for t in turns if t.seq not in replaced]
 
-    def fold(self, positions: int) -> bool:
-        """Fold the oldest turns into the session memory where the policy says so; True if it changed."""
+    def fold(self) -> bool:
+        """Fold the oldest turns into the session memory where the policy says so; True if it changed. A
+        failure is reported and leaves the turns in the prompt (the oldest are dropped as they must)."""
+        from ..core.errors import CombllamaError
         from .render import human_bytes
 
-        history = self.session_history(positions)
-        result = history.sync(self.records())
+        history = self.session_history()
+        try:
+            result = history.sync(self.records())
+        except CombllamaError as e:
+            warn(f"could not fold earlier turns into the session memory: {e}")
+            return False
         self.folded, self.history_bytes = result.folded, result.bytes
         method = history.method.name
         for e in result.events:
@@ -211,7 +218,7 @@ class ChatApp:
     def attach(self, fold: bool = True) -> None:
         """(Re)build the conversation from the session's memories, then its folded turns."""
         from ..core.chat import Conversation, combine
-        from ..core.errors import CombllamaError
+        from ..core.errors import CombllamaError, IncompatibleMemoryError
         from ..core.fast.load import attach_reader
         from ..core.memory.store import MemoryStore
         from ..core.paths import Paths
@@ -233,11 +240,17 @@ class ChatApp:
             parts.append((ref.name, reader.manifest, kv))
         for name in set(self.attached_cache) - set(self.session.memory_names):
             del self.attached_cache[name]
-        positions = sum(kv.logical_length for _, _, kv in parts)
+        self.session_history(sum(kv.logical_length for _, _, kv in parts))
         if fold:
-            self.fold(positions)
+            self.fold()
+        history = self.session_history()
         try:
-            parts += self.session_history(positions).parts()
+            try:
+                parts += history.parts()
+            except IncompatibleMemoryError:  # folded with another adapter (an upgrade): fold those turns again
+                history.clear()
+                self.fold()
+                parts += history.parts()
         except CombllamaError as e:
             warn(f"the memory of this session's earlier turns is left out: {e}")
         attached = combine(self.loaded, parts)
@@ -313,8 +326,7 @@ class ChatApp:
         self.store.append_turn(self.session, question, text, sources=source_records(cited), usage=usage,
                                timings=timings, interrupted=interrupted)
         self.refresh()
-        positions = sum(self.conv.attached.tokens.get(n, 0) for n in self.session.memory_names)
-        if self.fold(positions):
+        if self.fold():
             self.attach(fold=False)
         self.last = LastAnswer(question, cited, st, usage)
         if self.cite_on:

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 from .cite import CiteOptions, attention_mass, rank, span_shares
 from .engine import Engine, GenerateOptions
-from .errors import BadInputError
+from .errors import BadInputError, IncompatibleMemoryError
 from .methods.base import KVMemory, make_cache, prefill
 from .prompt import DEFAULT_SYSTEM, Turn, memory_prefix_ids, turn_ids
 
@@ -108,15 +108,18 @@ def combine(loaded, parts: Sequence[tuple[str, dict, KVMemory]], reserve: int = 
         kinds = {type(m) for _, _, m in chosen}
         own = getattr(next(iter(kinds)), "concat", None) if len(kinds) == 1 else None
         plain = kinds == {KVMemory} and not any(getattr(m.cache, "attention_kwargs", None) for _, _, m in chosen)
-        if not own and not plain:
+        if own:
+            try:
+                out = Attached(own([m for _, _, m in chosen]), [n for n, _, _ in chosen], inactive)
+                out.tokens = {name: m.logical_length for name, _, m in chosen}
+                return out
+            except IncompatibleMemoryError:  # e.g. CombLlama memories of two adapters
+                pass
+        if not plain:
             # Caches that carry attention inputs (cross memory, key masks, a host store) only join their own
             # kind; the latest memory answers alone.
             apart = [name for name, _, _ in chosen[:-1]]
             chosen = chosen[-1:]
-        elif own:
-            out = Attached(own([m for _, _, m in chosen]), [n for n, _, _ in chosen], inactive)
-            out.tokens = {name: m.logical_length for name, _, m in chosen}
-            return out
     out = Attached(chosen[0][2], [n for n, _, _ in chosen], inactive, apart)
     logical = physical = 0
     layers_k: list[list] = []

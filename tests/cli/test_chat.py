@@ -143,6 +143,15 @@ def test_long_chat_folds_old_turns_into_the_session_memory(tiny_dir, isolated_ho
     assert max(u["history_bytes"] for u in usage) <= budget and "compacted the session memory" in r.stderr
     folder = Paths.from_env().history(s.id)
     assert [p.name[:9] for p in folder.iterdir() if p.is_dir()] == ["c0000001-"]
+    # Folds made with another adapter (the shipped one was upgraded) are folded again, not left out.
+    from combllama.core.methods.combllama import method as comb
+
+    real = comb.resolve_adapter
+    monkeypatch.setattr(comb, "resolve_adapter", lambda model, spec: (real(model, spec)[0], b"\x01" * 32))
+    r = run("chat", "--session", "long", "--model", str(tiny_dir), "--max-tokens", "2", input="/tokens\n")
+    assert r.exit_code == 0 and "folded turns 1-" in r.stderr and "left out" not in r.stderr, r.stderr
+    assert "earlier turns:" in r.stderr
+    monkeypatch.setattr(comb, "resolve_adapter", real)
     # Resumed, the chat finds its folds; /clear and `sessions rm` remove them.
     r = run("chat", "--session", "long", "--model", str(tiny_dir), "--max-tokens", "2", input="/tokens\n/clear\n")
     assert "earlier turns:" in r.stderr and not folder.exists()
