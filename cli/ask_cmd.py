@@ -25,7 +25,7 @@ def resolve_memory(loaded, target: str, method_name: str | None, budget: str | N
     store = MemoryStore(Paths.from_env().memories)
     if not Path(target).exists() or (Path(target) / "MANIFEST.json").is_file():
         return store.open(target), None
-    method = choose_method(method_name, budget)
+    method = choose_method(method_name, budget, loaded)
     document = sources.load(target)  # read and tokenized once, whether reused or encoded
     try:
         plan = plan_memory(loaded, document, method, EncodeConfig())

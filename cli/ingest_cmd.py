@@ -92,9 +92,12 @@ def file_count(document) -> int:
     return len(sources.file_texts(document)) if document.kind == "repo" else 1
 
 
-def choose_method(name: str | None, budget: str | None):
-    from ..core.methods import Budget, get_method
+def choose_method(name: str | None, budget: str | None, loaded=None):
+    """The named method; unnamed, `loaded`'s default (CombLlama where an adapter for it ships, else full)."""
+    from ..core.methods import Budget, default_method, get_method
 
+    if name is None and loaded is not None:
+        return default_method(loaded, Budget.parse(budget))
     return get_method(name or "full", None, Budget.parse(budget))
 
 
@@ -151,7 +154,8 @@ def result_json(result, files: int | None = None, wall: float | None = None) -> 
 @click.command()
 @click.argument("path", type=click.Path(exists=True, path_type=str))
 @click.option("--name", default=None, help="Memory name (default: from the file name).")
-@click.option("--method", default=None, help="Compression method (see `combllama methods`). Default: full.")
+@click.option("--method", default=None, help="Compression method (see `combllama methods`). Default: combllama where an adapter trained "
+                   "for the model ships (the embedded SmolLM2), else full.")
 @click.option("--budget", default=None, metavar="FRACTION|TOKENS",
               help="Memory budget: a fraction of the document (0.25) or a token count (4096).")
 @click.option("--chunk-tokens", default=512, show_default=True, type=click.IntRange(16), help="Tokens per chunk.")
@@ -178,10 +182,12 @@ def ingest(path, name, method, budget, chunk_tokens, resume, force, quiet, inclu
     from .render import note, warn
 
     t0 = time.perf_counter()
-    m = choose_method(method, budget)
+    m = choose_method(method, budget)  # a bad name or budget fails before the model loads
     options = sources.IngestOptions(password=read_password(password_stdin))
     document = load_document(path, options, include, exclude)
     loaded = load(spec, quiet)
+    if method is None:
+        m = choose_method(None, budget, loaded)
     result = run_ingest(loaded, path, name=name, method=m, config=EncodeConfig(chunk_tokens=chunk_tokens),
                         resume=resume, force=force, quiet=quiet or as_json, document=document)
     wall = time.perf_counter() - t0
