@@ -231,8 +231,9 @@ class SessionHistory:
 
         segs = self.segments()
         readers = [self.store.open(s.name) for s in segs]
-        raw = sum(r.stats()["tensor_bytes"] / _fraction(r.manifest) for r in readers)  # all at fraction 1
-        fraction = min(1.0, self.budget / 2 / raw)
+        fixed = [self.method.fixed_bytes(r.manifest) for r in readers]  # e.g. the prompt prefix, once per memory
+        raw = sum((r.stats()["tensor_bytes"] - f) / _fraction(r.manifest) for r, f in zip(readers, fixed))
+        fraction = min(1.0, (self.budget / 2 - max(fixed)) / max(raw, 1))  # one merged memory, at fraction 1 = raw
         if self.method.prunes and fraction >= self.policy.min_fraction:
             gone = self.forgotten_through()
             live = [t for t in turns if gone < t[0] <= segs[-1].last]

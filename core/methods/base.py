@@ -190,6 +190,10 @@ class Method:
         """Estimated KV entries kept per layer for a memory of `total_tokens` (for size planning)."""
         return total_tokens
 
+    def fixed_bytes(self, manifest: dict) -> int:
+        """Tensor bytes of a written memory that neither its length nor its budget scale (history compaction)."""
+        return 0
+
     def layout(self, total_tokens: int, window: int, reserve: int) -> str:
         """Position layout recorded in the manifest: "original" (stored positions are used as they are) or
         "compact" (attach re-rotates keys to positions that fit the window)."""

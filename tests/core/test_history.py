@@ -119,3 +119,23 @@ def test_budget_compacts_then_forgets(tiny, tmp_path):
 def test_methods_with_positions_do_not_fold(tiny, tmp_path):
     h = history(tiny, tmp_path, method="full", params=None)
     assert h.sync(turns(40)).folded == 0 and h.segments() == []
+
+
+def test_compaction_sizes_what_scales_and_keeps_the_prefix_once(tiny, tmp_path):
+    """The prompt prefix's cache (in every segment) does not shrink with the fraction: compaction sizes the
+    cross memory alone, so a budget that holds the turns at a lower fraction keeps them all."""
+    h = history(tiny, tmp_path)
+    for n in range(8, 41, 4):
+        h.sync(turns(n))
+    readers = [h.store.open(s.name) for s in h.segments()]
+    fixed = [h.method.fixed_bytes(r.manifest) for r in readers]
+    assert len(readers) > 2 and len(set(fixed)) == 1 and fixed[0] > 0
+    cross = sum(r.stats()["tensor_bytes"] for r in readers) - sum(fixed)
+    h.clear()
+    budget = 2 * (fixed[0] + cross // 4)  # half of it holds the prefix once and a quarter of the cross memory
+    tight = history(tiny, tmp_path, budget_bytes=budget)
+    for n in range(8, 41, 4):
+        result = tight.sync(turns(n))
+        assert result.bytes <= budget
+    segs = tight.segments()
+    assert tight.forgotten_through() == 0 and segs[0].compacted and segs[0].first == 1

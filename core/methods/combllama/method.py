@@ -261,6 +261,15 @@ class CombLlama(Method):
         # Cross layers sit before every 4th decoder layer: per decoder layer, a quarter of the kept tokens.
         return max(1, int(total_tokens * self.keep_fraction(total_tokens) / 4))
 
+    def fixed_bytes(self, manifest):
+        """The prompt prefix's KV cache ("pk", "pv": every layer) that each memory carries once."""
+        from math import prod
+
+        from ...memory.format import DTYPES
+
+        return sum(DTYPES[dtype] * prod(shape) for chunk in manifest.get("chunks", [])
+                   for name, (dtype, shape) in (chunk.get("tensors") or {}).items() if name in ("pk", "pv"))
+
     def spec_problem(self, specs, tokens, geometry):
         """"adapter" uint8 [32]; "pk", "pv" [layers, kv_heads, prefix, head_dim] where the prompt prefix ends;
         "k.i", "v.i" [kv_heads, kept tokens, head_dim] per cross layer i (fewer than the decoder's layers)."""
