@@ -1,13 +1,16 @@
 # Source this on the GPU machine (bash): puts combllama, the carried wheels and the embedded model on
-# the path without network access. Expects .whl/ carried; the SmolLM2 GGUF arrives in two parts
-# (.carry/p1 in a first run, stashed in /tmp/stash; .carry/p2 in the second), see README "GPU".
+# the path without network access. Expects .whl/ (or .carry/whl-core) carried; the SmolLM2 GGUF arrives in
+# two parts (.carry/p1 in a first run, stashed in /tmp/stash; .carry/p2 in the second), see evals/gpu_grid.sh.
 set -e
 SITE=/tmp/site
 mkdir -p "$SITE/combllama" /tmp/stash
-if [ -d .whl ] && [ ! -f "$SITE/.wheels-done" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
-  touch "$SITE/.wheels-done"
-fi
+# Each carried wheel is installed once per warm machine: .whl (all of them) or .carry/whl-core (what the
+# model conversion needs, small enough to travel beside a GGUF part).
+for w in .whl/*.whl .carry/whl-core/*.whl; do
+  [ -f "$w" ] && [ ! -f "$SITE/.done-${w##*/}" ] || continue
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$w" \
+    && touch "$SITE/.done-${w##*/}"
+done
 # The combllama namespace: each root folder is one subpackage (as pyproject's package-dir maps them).
 for d in cli core ingest sessions bench evals train; do
   [ -d "$d" ] && ln -sfn "$PWD/$d" "$SITE/combllama/$d"
