@@ -128,3 +128,19 @@ def test_a_second_writer_of_the_same_memory_exits_75_and_writes_nothing(tiny_dir
     assert r.exit_code == 75 and "another combllama process is writing" in r.stderr, r.output
     assert len(r.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in root.iterdir()) == ["LOCK"]
+
+
+def test_the_embedded_model_defaults_to_combllama_and_others_to_full(smollm2, tiny_dir, isolated_home):
+    """No --method: CombLlama for the embedded SmolLM2 (its adapter ships), `full` for another model; the
+    chat that follows reads the CombLlama memory with no flags either."""
+    r = run("ingest", str(SAMPLE), "--device", "cpu", "--name", "book", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["memory"]["method"] == "combllama"
+    assert manifest(isolated_home, "book")["method"]["params"]["adapter"] == "auto"
+    r = run("chat", "--session", "s", "-d", "book", "--device", "cpu", "--max-tokens", "3", "--no-cite",
+            input="Who keeps the lighthouse?\n")
+    assert r.exit_code == 0 and r.stdout.strip(), r.stderr
+    r = run("ingest", str(SAMPLE), "--model", str(tiny_dir), "--name", "tiny", "--json")
+    assert json.loads(r.stdout)["memory"]["method"] == "full"
+    r = run("ingest", str(SAMPLE), "--device", "cpu", "--name", "exact", "--method", "full", "--json")
+    assert json.loads(r.stdout)["memory"]["method"] == "full"
