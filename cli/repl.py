@@ -156,6 +156,7 @@ class ChatApp:
     def method_name(self) -> str:
         """The session's method (long chats fold turns with it): the one `chat --method` set, else the first
         attached memory's (so history joins the documents), else the model's default."""
+        from ..core.errors import CombllamaError
         from ..core.memory.store import MemoryStore
         from ..core.methods import default_method
         from ..core.paths import Paths
@@ -165,7 +166,7 @@ class ChatApp:
         for name in self.session.memory_names:
             try:
                 return MemoryStore(Paths.from_env().memories).open(name).manifest["method"]["name"]
-            except Exception:  # noqa: BLE001 - an unreadable memory is reported by attach
+            except CombllamaError:  # an unreadable memory is reported by attach
                 continue
         return default_method(self.loaded).name
 
