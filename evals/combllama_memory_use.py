@@ -11,9 +11,10 @@ over "no document" is a generic bias learned by the gates, not information read 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
+
+from .report import save
 
 
 def score(loaded, memory, prepared) -> dict:
@@ -91,10 +92,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args(argv)
     result = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "results.md").write_text(markdown(result))
+    save(result, markdown(result), args.out)
     print(markdown(result))
 
 

@@ -16,7 +16,6 @@ session memory's bytes against its budget after every turn.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import subprocess
@@ -24,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from .report import save
 
 FACT = "Please remember this: my locker code is 4817."
 QUESTION = "What is my locker code?"
@@ -217,10 +218,7 @@ def main(argv=None) -> None:
     if args.turns < 4:
         ap.error("--turns must be at least 4")
     result = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "results.md").write_text(markdown(result))
+    save(result, markdown(result), args.out)
     print(markdown(result))
 
 

@@ -133,12 +133,18 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write(result: dict, out: Path) -> dict[str, Path]:
+def save(result: dict, md: str, out: Path) -> dict[str, Path]:
+    """results.json and results.md under `out` (created): what every eval script leaves behind."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "results.png"}
+    paths = {"json": out / "results.json", "md": out / "results.md"}
     paths["json"].write_text(json.dumps(result, indent=1, default=str) + "\n")
-    paths["md"].write_text(markdown(result))
+    paths["md"].write_text(md)
+    return paths
+
+
+def write(result: dict, out: Path) -> dict[str, Path]:
+    paths = {**save(result, markdown(result), out), "png": Path(out) / "results.png"}
     try:
         import matplotlib  # noqa: F401
     except ImportError:  # e.g. the GPU machine: `python -m combllama.evals merge` draws it later
