@@ -47,7 +47,8 @@ def run(args) -> dict:
         store = MemoryStore(Path(tmp))
         comb, trunc = [], []
         for i, p in enumerate(prepared):
-            ingest(loaded, p.document, get_method("combllama"), store, name=f"c{i}", config=config())
+            ingest(loaded, p.document, get_method("combllama", {"adapter": args.adapter}), store, name=f"c{i}",
+                   config=config())
             comb.append(attach_reader(store.open(f"c{i}"), loaded))
             ingest(loaded, p.document, get_method("truncate", None, Budget(fraction=args.truncate)), store,
                    name=f"t{i}", config=config())
@@ -72,7 +73,9 @@ def markdown(r: dict) -> str:
     label = {"own": "the text's own CombLlama memory", "other": "another text's CombLlama memory",
              "none": "no document (prompt prefix only)",
              "truncate": f"truncate at {r['args']['truncate']} (last tokens kept)"}
-    lines = [f"# Does the shipped CombLlama adapter read its memory? ({r['model']}, {r['device']}, {r['dtype']})", "",
+    adapter = r["args"].get("adapter", "auto")
+    which = "the shipped CombLlama adapter" if adapter == "auto" else f"the CombLlama adapter `{adapter}`"
+    lines = [f"# Does {which} read its memory? ({r['model']}, {r['device']}, {r['dtype']})", "",
              f"{r['args']['texts']} PG-essay texts, {r['args']['doc_tokens']}-token memory, "
              f"{s['own']['tokens']} teacher-forced tokens in all; KL and top-1 against full context.", "",
              "| memory | KL | top-1 |", "|---|---|---|"]
@@ -87,6 +90,7 @@ def main(argv=None) -> None:
     ap.add_argument("--texts", type=int, default=4)
     ap.add_argument("--doc-tokens", type=int, default=1024)
     ap.add_argument("--truncate", type=float, default=0.25)
+    ap.add_argument("--adapter", default="auto", help="combllama's adapter option (default: the shipped one)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")

@@ -12,7 +12,9 @@ memory, the text after it at positions following the prefix. Context chunks have
 
 Writes under --out (default $OUT): the adapter as ONE safetensors file (core/methods/combllama/weights.py;
 low-rank deltas, gates, norms, chunk embeddings; ≤ 16 MiB) named after the model, checkpoint.safetensors
-every --ckpt-every steps, train_log.csv (one row per step) and train_summary.json.
+every --ckpt-every steps, train_log.csv (one row per logged step) and train_summary.json. Each logged row also
+has kl_other: the same batch scored with every sample reading another sample's memory. A run whose kl stays
+at kl_other has learned a bias of the gates, not to read its memory.
 
     torchrun --nproc_per_node=1 -m combllama.train.train --model DIR --data .carry/train --out $OUT
     python -m combllama.train.train --smoke                      # CPU, tiny random model, seconds
@@ -55,6 +57,8 @@ def parse(argv=None):
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--init", default=None, metavar="PATH",
                     help="start from this adapter file (weights.py save_adapter; same config and base model)")
+    ap.add_argument("--encoder", choices=("stack", "base"), default="stack",
+                    help="stack: X copied layers on the embeddings; base: the frozen model's own states (modules.py)")
     ap.add_argument("--no-chunk-order", action="store_true", help="no chunk-index embedding (ablation)")
     ap.add_argument("--qk-norm", action="store_true")
     ap.add_argument("--lr", type=float, default=5e-4)
@@ -136,13 +140,14 @@ class Student(nn.Module):
         self.adapter = adapter
         object.__setattr__(self, "base", base)
 
-    def forward(self, ids, cu_seqlens, chunk_index, dec_ids, n_keep: int):
+    def forward(self, ids, cu_seqlens, chunk_index, dec_ids, n_keep: int, shift: int = 0):
+        """`shift` k gives sample b the memory of sample b+k (the memory-use check: another text's memory)."""
         from ..core.methods.combllama.modules import KWARG, CrossInput
 
         B = dec_ids.shape[0]
         kv = self.adapter.encode(self.base, ids, cu_seqlens, chunk_index)  # X × (K, V) [B*C, Hkv, D]
-        keys = [k.view(B, -1, *k.shape[1:]).transpose(1, 2) for k, _ in kv]  # [B, Hkv, C, D]
-        values = [v.view(B, -1, *v.shape[1:]).transpose(1, 2) for _, v in kv]
+        keys = [k.view(B, -1, *k.shape[1:]).transpose(1, 2).roll(-shift, 0) for k, _ in kv]  # [B, Hkv, C, D]
+        values = [v.view(B, -1, *v.shape[1:]).transpose(1, 2).roll(-shift, 0) for _, v in kv]
         pos = torch.arange(dec_ids.shape[1], device=dec_ids.device)[None].expand(B, -1)
         out = self.base(input_ids=dec_ids, position_ids=pos, use_cache=False, logits_to_keep=n_keep,
                         **{KWARG: CrossInput(self.adapter, keys, values)})
@@ -302,7 +307,7 @@ def main(argv=None) -> dict:
     shards = Shards(Path(args.data), model.config.vocab_size)
     prefix = memory_prefix_ids(tok, DEFAULT_SYSTEM)
     config = CombConfig.for_model(model.config, rank=args.rank, chunk_order=not args.no_chunk_order,
-                                  qk_norm=args.qk_norm)
+                                  qk_norm=args.qk_norm, encoder=args.encoder)
     adapter = CombAdapter.from_base(model, config)
     for p in adapter.parameters():  # fp32 master weights; the frozen copies stay in the base dtype
         p.data = p.data.float()
@@ -334,7 +339,7 @@ def main(argv=None) -> dict:
     writer = csv.writer(log) if log else None
     if writer:
         writer.writerow(["step", "seconds", "lr", "loss", "kl", "ce", "teacher_ce", "gate_attn_mean",
-                         "gate_mlp_mean", "tokens_per_s"])
+                         "gate_mlp_mean", "tokens_per_s", "kl_other"])
     info = {"args": vars(args), "world": world, "kernel": kernel, "command": " ".join(sys.argv), "init": init}
 
     def save(path: Path, step: int):
@@ -373,9 +378,12 @@ def main(argv=None) -> dict:
             secs = time.perf_counter() - t0
             ga = torch.stack([torch.tanh(b.attn_gate.detach()).abs() for b in adapter.cross]).mean().item()
             gm = torch.stack([torch.tanh(b.mlp_gate.detach()).abs() for b in adapter.cross]).mean().item()
+            with torch.no_grad(), amp:  # the same batch read through another sample's memory
+                other = losses(student(enc, cu, index if config.chunk_order else None, dec, args.cont, shift=1),
+                               teacher, y, args.temperature)[0].item() if args.batch > 1 else float("nan")
             last = dict(step=step, seconds=round(secs, 2), lr=opt.param_groups[0]["lr"], loss=loss.item(),
                         kl=kl.item(), ce=ce.item(), teacher_ce=tce.item(), gate_attn_mean=ga, gate_mlp_mean=gm,
-                        tokens_per_s=round(tokens / secs))
+                        tokens_per_s=round(tokens / secs), kl_other=other)
             writer.writerow(list(last.values()))
             log.flush()
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()),

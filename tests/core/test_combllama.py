@@ -43,8 +43,12 @@ def test_cross_layers_every_fourth():
     assert default_cross_layers(2) == (1,)
 
 
-def test_zero_gates_equal_the_base_model_exactly(deep):
-    adapter = CombAdapter.from_base(deep, CombConfig.for_model(deep.config))
+ENCODERS = pytest.mark.parametrize("encoder", ["stack", "base"])
+
+
+@ENCODERS
+def test_zero_gates_equal_the_base_model_exactly(deep, encoder):
+    adapter = CombAdapter.from_base(deep, CombConfig.for_model(deep.config, encoder=encoder))
     # Even trained-looking factors change nothing while the gates are zero.
     for name, p in adapter.named_parameters():
         if name.endswith(".B") or name.endswith("chunk_embed"):
@@ -80,14 +84,52 @@ def test_layers_start_as_copies_of_their_decoder_layer(deep):
     assert all(not k.endswith("base") for k in adapter.state_dict())
 
 
-def test_packed_chunks_encode_as_if_alone(deep):
-    adapter = CombAdapter.from_base(deep, CombConfig.for_model(deep.config))
+@ENCODERS
+def test_packed_chunks_encode_as_if_alone(deep, encoder):
+    adapter = CombAdapter.from_base(deep, CombConfig.for_model(deep.config, encoder=encoder))
     ids = torch.randint(0, 128, (30,))
     together = adapter.encode(deep, ids, torch.tensor([0, 10, 30], dtype=torch.int32))
     alone = adapter.encode(deep, ids[10:], torch.tensor([0, 20], dtype=torch.int32))
     for (k, v), (k1, v1) in zip(together, alone):
         torch.testing.assert_close(k[10:], k1, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(v[10:], v1, atol=1e-5, rtol=1e-5)
+
+
+def test_base_encoder_memory_is_the_decoders_own_kv(deep):
+    """At initialisation cross layer i's memory of a chunk is decoder layer X[i]'s KV cache of [sink] + chunk
+    (sink dropped): values equal, keys rotated so that an unrotated query scores them as a query right
+    after the chunk scores the cached keys."""
+    from combllama.core.methods.combllama.modules import rope
+
+    c = CombConfig.for_model(deep.config, encoder="base", sink_token=5)
+    adapter = CombAdapter.from_base(deep, c)
+    assert {n.split(".")[0] for n, _ in adapter.encoder.named_parameters()} == {"proj", "chunk_embed"}
+    torch.manual_seed(2)
+    ids = torch.randint(0, 128, (30,))
+    kv = adapter.encode(deep, ids, torch.tensor([0, 12, 30], dtype=torch.int32))
+    chunk = ids[12:]
+    with torch.no_grad():
+        cache = deep(input_ids=torch.cat([torch.tensor([5]), chunk])[None], use_cache=True).past_key_values
+    q = torch.randn(1, 2, 16)
+    cos, sin = deep.model.rotary_emb(q[None], torch.tensor([[len(chunk) + 1]]))  # the position after the chunk
+    for i, layer in enumerate(c.cross_layers):
+        k, v = kv[i][0][12:], kv[i][1][12:]  # [18, Hkv, D]
+        cached_k = cache.layers[layer].keys[0, :, 1:].transpose(0, 1)
+        cached_v = cache.layers[layer].values[0, :, 1:].transpose(0, 1)
+        torch.testing.assert_close(v, cached_v, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close((q * k).sum(-1), (rope(q, cos[0], sin[0]) * cached_k).sum(-1), atol=1e-4, rtol=1e-4)
+
+
+def test_config_refuses_unknown_fields_and_encoders():
+    from combllama.core.errors import BadInputError
+
+    c = CombConfig(hidden_size=8, n_heads=2, n_kv_heads=1, head_dim=4, intermediate_size=16, rms_eps=1e-5,
+                   n_layers=4, cross_layers=(3,), encoder="base", sink_token=1)
+    assert CombConfig.from_json(c.to_json()) == c
+    with pytest.raises(BadInputError, match="unknown fields"):
+        CombConfig.from_json(c.to_json()[:-1] + ', "future": 1}')
+    with pytest.raises(BadInputError, match="encoder"):
+        CombConfig(**{**c.__dict__, "encoder": "other"})
 
 
 def test_packed_attention_is_block_diagonal():
@@ -98,8 +140,9 @@ def test_packed_attention_is_block_diagonal():
     torch.testing.assert_close(out[4:], ref)
 
 
-def test_chunk_order_signal_changes_the_memory(deep):
-    adapter = CombAdapter.from_base(deep, CombConfig.for_model(deep.config))
+@ENCODERS
+def test_chunk_order_signal_changes_the_memory(deep, encoder):
+    adapter = CombAdapter.from_base(deep, CombConfig.for_model(deep.config, encoder=encoder))
     adapter.encoder.chunk_embed.data.normal_()
     ids = torch.randint(0, 128, (10,))
     cu = torch.tensor([0, 10], dtype=torch.int32)
@@ -173,9 +216,10 @@ def _trained_like(model, c=None):
     return adapter
 
 
-def test_adapter_file_round_trip(tiny, tmp_path):
+@ENCODERS
+def test_adapter_file_round_trip(tiny, tmp_path, encoder):
     model = tiny.model
-    adapter = _trained_like(model)
+    adapter = _trained_like(model, CombConfig.for_model(model.config, rank=4, encoder=encoder))
     path = tmp_path / "a.safetensors"
     size = save_adapter(path, adapter, base_fingerprint=tiny.fingerprint, base_weights=weights_fingerprint(model),
                         base_name=tiny.name, info={"steps": 1})

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
 
 import torch
@@ -22,7 +22,8 @@ from torch import nn
 
 from ...errors import BadInputError
 
-KWARG = "combllama_cross"  # the forward keyword the decoder hooks read
+KWARG = "combllama_cross"
+ENCODERS = ("stack", "base")  # the forward keyword the decoder hooks read
 USE_VARLEN = True  # training turns it off where the varlen kernel fails its forward/backward check
 
 
@@ -51,6 +52,12 @@ class CombConfig:
     kv_norm: bool = True  # RMSNorm before the memory K/V projections (copied from the source layer's input norm)
     chunk_order: bool = True  # learned chunk-index embedding added to the encoder input (§3.6 proposal 1)
     max_chunks: int = 256  # chunk indices beyond this share the last embedding
+    # "stack": X bidirectional layers, layer i a copy of decoder layer X[i] run on the embeddings (the
+    # reference's successor plan). "base": the frozen base model itself reads each chunk (causal, after a
+    # sink token) and cross layer i's memory is decoder layer X[i]'s own K/V of it, keys rotated as if the
+    # chunk ended just before the query: at initialisation a cross block reads what that layer would read.
+    encoder: str = "stack"
+    sink_token: int = 0  # "base": the token put before every chunk (its K/V are dropped; it takes the sink)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cross_layers", tuple(int(i) for i in self.cross_layers))
@@ -62,6 +69,10 @@ class CombConfig:
             raise BadInputError("combllama rank must be >= 0 and max_chunks >= 1")
         if self.n_heads % self.n_kv_heads:
             raise BadInputError("query heads must be a multiple of KV heads")
+        if self.encoder not in ENCODERS:
+            raise BadInputError(f"combllama encoder must be one of {', '.join(ENCODERS)}, not {self.encoder!r}")
+        if self.sink_token < 0:
+            raise BadInputError("combllama sink_token must be a token id")
 
     @classmethod
     def for_model(cls, config, **overrides) -> "CombConfig":
@@ -71,6 +82,8 @@ class CombConfig:
                     n_kv_heads=config.num_key_value_heads, head_dim=head_dim,
                     intermediate_size=config.intermediate_size, rms_eps=float(config.rms_norm_eps),
                     n_layers=config.num_hidden_layers, cross_layers=default_cross_layers(config.num_hidden_layers))
+        if overrides.get("encoder") == "base":  # "stack" has no sink: 0 keeps older adapter files' configs equal
+            base["sink_token"] = int(getattr(config, "bos_token_id", None) or 0)
         return cls(**{**base, **overrides})
 
     def to_json(self) -> str:
@@ -79,6 +92,9 @@ class CombConfig:
     @classmethod
     def from_json(cls, text: str) -> "CombConfig":
         data = json.loads(text)
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise BadInputError(f"combllama adapter config has unknown fields {sorted(unknown)} (a newer combllama?)")
         return cls(**data)
 
 
@@ -243,6 +259,14 @@ class ChunkEncoder(nn.Module):
         self.chunk_embed = (nn.Parameter(torch.zeros(c.max_chunks, c.hidden_size, dtype=ref.dtype, device=ref.device))
                             if c.chunk_order else None)
 
+    def run(self, model, ids, cu_seqlens, chunk_index=None):
+        """Token ids [N] packed by cu_seqlens int32 [S+1] → X pairs (K, V) [N, Hkv, D] (chunk-local RoPE)."""
+        lens = cu_seqlens[1:] - cu_seqlens[:-1]
+        pos = torch.arange(ids.shape[0], device=ids.device) - torch.repeat_interleave(cu_seqlens[:-1].long(), lens.long())
+        embeds = model.get_input_embeddings()(ids)
+        cos, sin = model.model.rotary_emb(embeds[None], pos[None])  # [1, N, D]
+        return self(embeds, cos[0], sin[0], cu_seqlens, int(lens.max()), chunk_index)
+
     def forward(self, embeds, cos, sin, cu_seqlens, max_len: int, chunk_index=None):
         """embeds [N, d]; cos/sin [N, D]; chunk_index [N] long (None: no order signal) →
         X pairs (K, V), each [N, Hkv, D]."""
@@ -253,6 +277,56 @@ class ChunkEncoder(nn.Module):
         for layer, proj in zip(self.layers, self.proj):
             h = layer(h, cos, sin, cu_seqlens, max_len)
             out.append(proj(h))
+        return out
+
+
+def pad_chunks(ids, cu_seqlens, pad: int):
+    """Packed ids [N] → right-padded batch [S, Lmax] and its mask [S, Lmax] bool (True = a token)."""
+    cu = cu_seqlens.long()
+    lens = cu[1:] - cu[:-1]
+    ar = torch.arange(int(lens.max()), device=ids.device)
+    valid = ar[None] < lens[:, None]
+    idx = (cu[:-1, None] + ar[None]).clamp(max=ids.shape[0] - 1)
+    return torch.where(valid, ids[idx], torch.full_like(ids[idx], pad)), valid
+
+
+class BaseStateEncoder(nn.Module):
+    """The "base" encoder: the frozen base model reads every chunk alone (causal, a sink token first, chunk
+    positions 1..n), and cross layer i's memory is the memory projection (decoder layer X[i]'s own input norm
+    and k/v maps, plus trained low-rank deltas) of the hidden state entering layer X[i]. Keys are rotated at
+    positions -n..-1: relative to an unrotated query (position 0) every chunk ends just before it. Owns only
+    the projections and the chunk-index embedding (added to the hidden state before each projection)."""
+
+    def __init__(self, c: CombConfig, projections: list[dict]):
+        super().__init__()
+        self.c = c
+        self.proj = nn.ModuleList(MemoryProjection(c, w) for w in projections)
+        ref = projections[0]["k"]
+        self.chunk_embed = (nn.Parameter(torch.zeros(c.max_chunks, c.hidden_size, dtype=ref.dtype, device=ref.device))
+                            if c.chunk_order else None)
+
+    def run(self, model, ids, cu_seqlens, chunk_index=None):
+        """Token ids [N] packed by cu_seqlens int32 [S+1] → X pairs (K, V) [N, Hkv, D]. No gradient reaches
+        the base model: its states are constants, only the projections and chunk embeddings learn."""
+        c = self.c
+        batch, valid = pad_chunks(ids, cu_seqlens, c.sink_token)  # [S, L]
+        S = batch.shape[0]
+        x = torch.cat([torch.full((S, 1), c.sink_token, dtype=batch.dtype, device=batch.device), batch], 1)
+        mask = torch.cat([torch.ones(S, 1, dtype=torch.bool, device=valid.device), valid], 1).long()
+        with torch.no_grad():
+            states = model.model(input_ids=x, attention_mask=mask, output_hidden_states=True,
+                                 use_cache=False).hidden_states  # L+1 × [S, 1+Lmax, d]; [j] enters layer j
+        lens = valid.sum(1, keepdim=True)  # [S, 1]
+        pos = torch.arange(batch.shape[1], device=ids.device)[None] - lens  # token j of a chunk of n: j - n
+        cos, sin = model.model.rotary_emb(states[0], pos)  # [S, Lmax, D]
+        cos, sin = cos[valid], sin[valid]  # [N, D], packed order
+        out = []
+        for layer, proj in zip(c.cross_layers, self.proj):
+            h = states[layer][:, 1:][valid]  # [N, d]
+            if self.chunk_embed is not None and chunk_index is not None:
+                h = h + self.chunk_embed[chunk_index.clamp(max=c.max_chunks - 1)].to(h.dtype)
+            k, v = proj(h)
+            out.append((rope(k, cos.to(k.dtype), sin.to(k.dtype)), v))
         return out
 
 
@@ -311,7 +385,8 @@ class CombAdapter(nn.Module):
         if not len(encoder_weights) == len(projection_weights) == len(cross_weights) == len(c.cross_layers):
             raise BadInputError("combllama: one encoder layer, projection and cross block per cross layer")
         self.config = c
-        self.encoder = ChunkEncoder(c, encoder_weights, projection_weights)
+        self.encoder = (BaseStateEncoder(c, projection_weights) if c.encoder == "base"
+                        else ChunkEncoder(c, encoder_weights, projection_weights))
         self.cross = nn.ModuleList(CrossBlock(c, w) for w in cross_weights)
         self.slot = {layer: i for i, layer in enumerate(c.cross_layers)}
 
@@ -326,12 +401,8 @@ class CombAdapter(nn.Module):
         return cls(c, w, w, w)
 
     def encode(self, model, ids, cu_seqlens, chunk_index=None):
-        """Token ids [N] packed by cu_seqlens int32 [S+1] → X pairs (K, V) [N, Hkv, D] (chunk-local RoPE)."""
-        lens = cu_seqlens[1:] - cu_seqlens[:-1]
-        pos = torch.arange(ids.shape[0], device=ids.device) - torch.repeat_interleave(cu_seqlens[:-1].long(), lens.long())
-        embeds = model.get_input_embeddings()(ids)
-        cos, sin = model.model.rotary_emb(embeds[None], pos[None])  # [1, N, D]
-        return self.encoder(embeds, cos[0], sin[0], cu_seqlens, int(lens.max()), chunk_index)
+        """Token ids [N] packed by cu_seqlens int32 [S+1] → X pairs (K, V) [N, Hkv, D]."""
+        return self.encoder.run(model, ids, cu_seqlens, chunk_index)
 
 
 @dataclass
