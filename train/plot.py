@@ -1,5 +1,6 @@
 """The training curve of train.py runs: KL to the full-context teacher and the student's and teacher's
-next-token loss per step, from train_log.csv, as a PNG. Several logs (a run and its --init continuations)
+next-token loss per step, from train_log.csv, as a PNG (dashed: the KL when every sample reads another
+sample's memory, where the log has it; the gap between the two is what the memory is used for). Several logs (a run and its --init continuations)
 are drawn one after another on a cumulative step axis, each with its label and a dashed line where it starts;
 the logged points (one batch each, noisy) are drawn faintly under a rolling mean of --smooth points.
 
@@ -42,6 +43,10 @@ def plot(logs: list[Path], png: Path, labels: list[str] | None = None, smooth: i
         color = f"C{i}"
         a.plot(step, kl, color=color, alpha=0.25, lw=0.8)
         a.plot(step, rolling(kl, smooth), color=color, label=f"{label} KL".strip())
+        if rows and rows[0].get("kl_other"):  # logs from before the memory-use check lack it
+            other = [float(r["kl_other"]) for r in rows]
+            a.plot(step, rolling(other, smooth), color=color, ls="--",
+                   label=f"{label} KL with another sample's memory".strip())
         b.plot(step, rolling(ce, smooth), color=color, label=f"{label} student CE".strip())
         b.plot(step, rolling(tce, smooth), color=color, ls=":", label=f"{label} teacher CE".strip())
         if i:

@@ -57,7 +57,7 @@ def parse(argv=None):
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--init", default=None, metavar="PATH",
                     help="start from this adapter file (weights.py save_adapter; same config and base model)")
-    ap.add_argument("--encoder", choices=("stack", "base"), default="stack",
+    ap.add_argument("--encoder", choices=("stack", "base"), default="base",
                     help="stack: X copied layers on the embeddings; base: the frozen model's own states (modules.py)")
     ap.add_argument("--no-chunk-order", action="store_true", help="no chunk-index embedding (ablation)")
     ap.add_argument("--qk-norm", action="store_true")

@@ -78,17 +78,43 @@ def test_teacher_and_student_predict_the_same_tokens(shards, tiny):
         assert teach[b, 3:3 + C].tolist() == enc[b * C:(b + 1) * C].tolist()
 
 
-def test_smoke_run_writes_a_loadable_adapter(shards, tiny, tiny_dir, tmp_path):
+def test_memory_use_check_reads_the_next_samples_memory(shards, tiny):
+    """Student(shift=1) gives sample b exactly what sample b+1's memory gives it."""
+    from combllama.core.methods.combllama.modules import CombAdapter, CombConfig, install_hooks
+
+    args = train.parse(["--smoke", "--data", str(shards)])
+    data = train.Shards(shards, tiny.model.config.vocab_size)
+    teach, dec, enc, cu, index, y = train.make_batch(data, random.Random(0), args, [1, 2], torch.device("cpu"))
+    adapter = CombAdapter.from_base(tiny.model, CombConfig.for_model(tiny.model.config, rank=2, encoder="base"))
+    for block in adapter.cross:
+        block.attn_gate.data.fill_(0.5)
+    install_hooks(tiny.model)
+    student = train.Student(adapter, tiny.model).eval()
+    C = args.context
+    cu1 = torch.tensor([int(c) - C for c in cu if C <= int(c) <= 2 * C], dtype=torch.int32)  # sample 1's chunks
+    with torch.no_grad():
+        shifted = student(enc, cu, index, dec, args.cont, shift=1)
+        own = student(enc, cu, index, dec, args.cont)
+        other = student(enc[C:2 * C], cu1, index[C:2 * C], dec[:1], args.cont)  # sample 0 reading sample 1's memory
+    torch.testing.assert_close(shifted[0], other[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(shifted[0], own[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("encoder", ["base", "stack"])
+def test_smoke_run_writes_a_loadable_adapter(shards, tiny, tiny_dir, tmp_path, encoder):
     out = tmp_path / "run"
     summary = train.main(["--smoke", "--model", str(tiny_dir), "--data", str(shards), "--out", str(out),
-                          "--steps", "3", "--name", "tiny"])
+                          "--steps", "3", "--name", "tiny", "--encoder", encoder])
     assert summary["steps"] == 3
     rows = list(csv.DictReader(open(out / "train_log.csv")))
     assert [int(r["step"]) for r in rows] == [0, 1, 2]
     assert all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in rows)
+    # The memory-use check: the same batch read through another sample's memory, logged beside the KL.
+    assert all(float(r["kl_other"]) >= 0 for r in rows)
     path = out / "tiny.safetensors"
     meta = read_header(path)
     assert meta["base_fingerprint"] == tiny.fingerprint and meta["info"]["step"] == 3
+    assert meta["config"].encoder == encoder
     adapter = load_adapter(path, tiny.model)
     # The gates moved off zero: the adapter now reads its memory.
     assert all(float(b.attn_gate.abs()) > 0 for b in adapter.cross)

@@ -2,13 +2,15 @@
 blocks placed before every 4th layer of the frozen base model (COMB, arXiv 2602.01519; mission.md §3).
 
 encode: the prompt prefix (chat template + system text) is prefilled through the base model as an ordinary
-KV cache; every document chunk goes through the encoder alone (bidirectional, chunk-local positions, plus
-a chunk-index embedding), independent of the other chunks. With a --budget below 1 each cross layer keeps
-fewer tokens: KVCompose's composite-token selection (kvcompose.select_tokens) over scores from a probe in
-which the base model re-reads the chunk through its cross blocks (the KVzip-like "repeat" probe, on cross
-instead of self attention).
+KV cache; every document chunk goes through the encoder alone, independent of the other chunks, with a
+chunk-index embedding. The adapter's config says which encoder (modules.py): "base", the frozen model's own
+K/V of the chunk at each cross layer (the shipped SmolLM2 adapter), or "stack", bidirectional copies of the
+cross layers on the embeddings (older adapters, upstream checkpoints). With a --budget below 1 each cross
+layer keeps fewer tokens: KVCompose's composite-token selection (kvcompose.select_tokens) over scores from a
+probe in which the base model re-reads the chunk through its cross blocks (the KVzip-like "repeat" probe, on
+cross instead of self attention).
 
-Stored per chunk: "k.i", "v.i" [kv_heads, tokens_i, head_dim] for cross layer i (keys after k_norm), the
+Stored per chunk: "k.i", "v.i" [kv_heads, tokens_i, head_dim] for cross layer i (keys after k_norm; "base": rotated), the
 adapter's sha256 "adapter" uint8 [32], and on the chunk where the prefix ends "pk", "pv" [layers, kv_heads,
 prefix, head_dim]. attach: a KV cache of the prefix (positions continue after it: the document takes no
 positions) carrying the cross memory as the forward keyword the decoder hooks read.

@@ -1,6 +1,6 @@
-"""CombLlama's tensor modules: low-rank linear maps over frozen copies, the bidirectional chunk encoder,
-the tanh-gated cross-attention blocks, and the decoder hooks through which a frozen base model reads a
-cross memory. Pure torch math with shapes documented.
+"""CombLlama's tensor modules: low-rank linear maps over frozen copies, the two chunk encoders (bidirectional
+copied layers, or the frozen base model's own states), the tanh-gated cross-attention blocks, and the decoder
+hooks through which a frozen base model reads a cross memory. Pure torch math with shapes documented.
 
 Knows nothing of files, memories or the engine (method.py) nor of training (train/). The base model is
 never modified: its parameters stay as they are, and the hooks act only when a forward call carries a
