@@ -61,6 +61,7 @@ def parse(argv=None):
                     help="stack: X copied layers on the embeddings; base: the frozen model's own states (modules.py)")
     ap.add_argument("--no-chunk-order", action="store_true", help="no chunk-index embedding (ablation)")
     ap.add_argument("--qk-norm", action="store_true")
+    ap.add_argument("--null-slot", action="store_true", help="a learned null key (zero value) in every cross block")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--gate-lr", type=float, default=5e-3, help="learning rate of the tanh gates")
     ap.add_argument("--warmup", type=int, default=60)
@@ -307,7 +308,7 @@ def main(argv=None) -> dict:
     shards = Shards(Path(args.data), model.config.vocab_size)
     prefix = memory_prefix_ids(tok, DEFAULT_SYSTEM)
     config = CombConfig.for_model(model.config, rank=args.rank, chunk_order=not args.no_chunk_order,
-                                  qk_norm=args.qk_norm, encoder=args.encoder)
+                                  qk_norm=args.qk_norm, encoder=args.encoder, null_slot=args.null_slot)
     adapter = CombAdapter.from_base(model, config)
     for p in adapter.parameters():  # fp32 master weights; the frozen copies stay in the base dtype
         p.data = p.data.float()

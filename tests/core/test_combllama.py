@@ -46,12 +46,12 @@ def test_cross_layers_every_fourth():
 ENCODERS = pytest.mark.parametrize("encoder", ["stack", "base"])
 
 
-@ENCODERS
-def test_zero_gates_equal_the_base_model_exactly(deep, encoder):
-    adapter = CombAdapter.from_base(deep, CombConfig.for_model(deep.config, encoder=encoder))
+@pytest.mark.parametrize("encoder,null_slot", [("stack", False), ("base", False), ("base", True)])
+def test_zero_gates_equal_the_base_model_exactly(deep, encoder, null_slot):
+    adapter = CombAdapter.from_base(deep, CombConfig.for_model(deep.config, encoder=encoder, null_slot=null_slot))
     # Even trained-looking factors change nothing while the gates are zero.
     for name, p in adapter.named_parameters():
-        if name.endswith(".B") or name.endswith("chunk_embed"):
+        if name.endswith(".B") or name.endswith("chunk_embed") or name.endswith("null_key"):
             p.data.normal_()
     ids = torch.randint(0, 128, (40,))
     cross = _memory(adapter, deep, ids, torch.tensor([0, 15, 40], dtype=torch.int32))
@@ -118,6 +118,33 @@ def test_base_encoder_memory_is_the_decoders_own_kv(deep):
         cached_v = cache.layers[layer].values[0, :, 1:].transpose(0, 1)
         torch.testing.assert_close(v, cached_v, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close((q * k).sum(-1), (rope(q, cos[0], sin[0]) * cached_k).sum(-1), atol=1e-4, rtol=1e-4)
+
+
+def test_null_slot_is_one_more_key_with_a_zero_value(deep):
+    """With null_slot the cross block's softmax also covers a learned key per KV head whose value is zero:
+    attention mass a query puts there is taken away from the memory's values."""
+    import torch.nn.functional as F
+
+    c = CombConfig.for_model(deep.config, encoder="base", null_slot=True)
+    block = CombAdapter.from_base(deep, c).cross[0]
+    torch.manual_seed(4)
+    block.null_key.data.normal_()
+    block.attn_gate.data.fill_(1.0)
+    h = torch.randn(1, 3, 64)
+    k, v = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    with torch.no_grad():
+        got = block(h, k, v)
+        q = block.queries(h)  # [1, 4, 3, 16]
+        kk = torch.cat([k, block.null_key[None, :, None]], 2).repeat_interleave(2, 1)
+        vv = torch.cat([v, torch.zeros(1, 2, 1, 16)], 2).repeat_interleave(2, 1)
+        p = (q @ kk.transpose(-1, -2) / 4).softmax(-1)  # [1, 4, 3, 6]
+        a = (p @ vv).transpose(1, 2).reshape(1, 3, 64)
+        x = h + torch.tanh(block.attn_gate) * block.o(a)
+        want = x + torch.tanh(block.mlp_gate) * block.mlp(block.ln2(x))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert float(p[..., -1].min()) > 0  # the null key takes a share
+        masked = block(h, k, v, torch.tensor([[True, True, False, False, False]]))  # a mask still works
+    assert masked.shape == got.shape and torch.isfinite(masked).all()
 
 
 def test_config_refuses_unknown_fields_and_encoders():
@@ -216,10 +243,10 @@ def _trained_like(model, c=None):
     return adapter
 
 
-@ENCODERS
-def test_adapter_file_round_trip(tiny, tmp_path, encoder):
+@pytest.mark.parametrize("encoder,null_slot", [("stack", False), ("base", True)])
+def test_adapter_file_round_trip(tiny, tmp_path, encoder, null_slot):
     model = tiny.model
-    adapter = _trained_like(model, CombConfig.for_model(model.config, rank=4, encoder=encoder))
+    adapter = _trained_like(model, CombConfig.for_model(model.config, rank=4, encoder=encoder, null_slot=null_slot))
     path = tmp_path / "a.safetensors"
     size = save_adapter(path, adapter, base_fingerprint=tiny.fingerprint, base_weights=weights_fingerprint(model),
                         base_name=tiny.name, info={"steps": 1})

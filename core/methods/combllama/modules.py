@@ -58,6 +58,9 @@ class CombConfig:
     # chunk ended just before the query: at initialisation a cross block reads what that layer would read.
     encoder: str = "stack"
     sink_token: int = 0  # "base": the token put before every chunk (its K/V are dropped; it takes the sink)
+    # A learned key per KV head with a zero value beside the memory: a query that finds nothing in the memory
+    # can put its attention there, so the block's output shrinks instead of averaging unrelated tokens.
+    null_slot: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cross_layers", tuple(int(i) for i in self.cross_layers))
@@ -348,6 +351,8 @@ class CrossBlock(nn.Module):
         self.ln2 = RMSNorm(w["ln2"], c.rms_eps)
         self.mlp = MLP(w, c.rank)
         dev = w["q"].device
+        self.null_key = (nn.Parameter(torch.zeros(c.n_kv_heads, c.head_dim, dtype=w["q"].dtype, device=dev))
+                         if c.null_slot else None)
         self.attn_gate = nn.Parameter(w.get("attn_gate", torch.zeros(1, device=dev)).float().clone())
         self.mlp_gate = nn.Parameter(w.get("mlp_gate", torch.zeros(1, device=dev)).float().clone())
 
@@ -366,6 +371,12 @@ class CrossBlock(nn.Module):
         q = self.queries(h)
         if scorer is not None:
             scorer(q, k, key_mask)
+        if self.null_key is not None:  # one more key per KV head (learned), whose value is zero
+            # the memory's batch may be 1 for B queries (SDPA broadcasts it): follow the memory's
+            null = self.null_key.to(k.dtype)[None, :, None, :].expand(k.shape[0], -1, 1, -1)  # [Bm, Hkv, 1, D]
+            k, v = torch.cat([k, null], 2), torch.cat([v, torch.zeros_like(null).to(v.dtype)], 2)
+            if key_mask is not None:
+                key_mask = torch.cat([key_mask, key_mask.new_ones(key_mask.shape[0], 1)], 1)
         mask = None if key_mask is None else key_mask[:, None, None, :]
         a = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
                                            enable_gqa=c.n_heads != c.n_kv_heads)  # [B, H, n, D]
