@@ -337,6 +337,7 @@ class BaseStateEncoder(nn.Module):
 
 class CrossBlock(nn.Module):
     """h ← h + tanh(g_a)·O(attn(Q(norm h), K, V)); h ← h + tanh(g_m)·MLP(norm h). No positions inside.
+    With null_slot, K and V get one more entry per KV head: a learned key whose value is zero.
 
     h [B, n, d]; K, V [B, Hkv, M, D]; key_mask [B, M] bool (True = attend) or None."""
 
