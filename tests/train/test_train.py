@@ -100,11 +100,11 @@ def test_memory_use_check_reads_the_next_samples_memory(shards, tiny):
     assert not torch.allclose(shifted[0], own[0], atol=1e-4)
 
 
-@pytest.mark.parametrize("encoder", ["base", "stack"])
-def test_smoke_run_writes_a_loadable_adapter(shards, tiny, tiny_dir, tmp_path, encoder):
+@pytest.mark.parametrize("encoder,extra", [("base", []), ("stack", []), ("base", ["--null-slot"])])
+def test_smoke_run_writes_a_loadable_adapter(shards, tiny, tiny_dir, tmp_path, encoder, extra):
     out = tmp_path / "run"
     summary = train.main(["--smoke", "--model", str(tiny_dir), "--data", str(shards), "--out", str(out),
-                          "--steps", "3", "--name", "tiny", "--encoder", encoder])
+                          "--steps", "3", "--name", "tiny", "--encoder", encoder, *extra])
     assert summary["steps"] == 3
     rows = list(csv.DictReader(open(out / "train_log.csv")))
     assert [int(r["step"]) for r in rows] == [0, 1, 2]
@@ -114,7 +114,7 @@ def test_smoke_run_writes_a_loadable_adapter(shards, tiny, tiny_dir, tmp_path, e
     path = out / "tiny.safetensors"
     meta = read_header(path)
     assert meta["base_fingerprint"] == tiny.fingerprint and meta["info"]["step"] == 3
-    assert meta["config"].encoder == encoder
+    assert meta["config"].encoder == encoder and meta["config"].null_slot == bool(extra)
     adapter = load_adapter(path, tiny.model)
     # The gates moved off zero: the adapter now reads its memory.
     assert all(float(b.attn_gate.abs()) > 0 for b in adapter.cross)
