@@ -10,9 +10,9 @@ layer keeps fewer tokens: KVCompose's composite-token selection (kvcompose.selec
 probe in which the base model re-reads the chunk through its cross blocks (the KVzip-like "repeat" probe, on
 cross instead of self attention).
 
-Stored per chunk: "k.i", "v.i" [kv_heads, tokens_i, head_dim] for cross layer i (keys after k_norm; "base": rotated), the
-adapter's sha256 "adapter" uint8 [32], and on the chunk where the prefix ends "pk", "pv" [layers, kv_heads,
-prefix, head_dim]. attach: a KV cache of the prefix (positions continue after it: the document takes no
+Stored per chunk: "k.i", "v.i" [kv_heads, tokens_i, head_dim] for cross layer i (keys after k_norm; "base":
+rotated), the adapter's sha256 "adapter" uint8 [32], and on the chunk where the prefix ends "pk", "pv" [layers,
+kv_heads, prefix, head_dim]. attach: a KV cache of the prefix (positions continue after it: the document takes no
 positions) carrying the cross memory as the forward keyword the decoder hooks read.
 """
 from __future__ import annotations

@@ -22,8 +22,8 @@ from torch import nn
 
 from ...errors import BadInputError
 
-KWARG = "combllama_cross"
-ENCODERS = ("stack", "base")  # the forward keyword the decoder hooks read
+KWARG = "combllama_cross"  # the forward keyword the decoder hooks read
+ENCODERS = ("stack", "base")  # CombConfig.encoder: see BaseStateEncoder and ChunkEncoder
 USE_VARLEN = True  # training turns it off where the varlen kernel fails its forward/backward check
 
 
