@@ -375,7 +375,7 @@ class CrossBlock(nn.Module):
         if self.null_key is not None:  # one more key per KV head (learned), whose value is zero
             # the memory's batch may be 1 for B queries (SDPA broadcasts it): follow the memory's
             null = self.null_key.to(k.dtype)[None, :, None, :].expand(k.shape[0], -1, 1, -1)  # [Bm, Hkv, 1, D]
-            k, v = torch.cat([k, null], 2), torch.cat([v, torch.zeros_like(null).to(v.dtype)], 2)
+            k, v = torch.cat([k, null], 2), torch.cat([v, torch.zeros_like(null, dtype=v.dtype)], 2)
             if key_mask is not None:
                 key_mask = torch.cat([key_mask, key_mask.new_ones(key_mask.shape[0], 1)], 1)
         mask = None if key_mask is None else key_mask[:, None, None, :]
