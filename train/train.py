@@ -62,6 +62,8 @@ def parse(argv=None):
     ap.add_argument("--no-chunk-order", action="store_true", help="no chunk-index embedding (ablation)")
     ap.add_argument("--qk-norm", action="store_true")
     ap.add_argument("--null-slot", action="store_true", help="a learned null key (zero value) in every cross block")
+    ap.add_argument("--positions", choices=("chunk", "document"), default="chunk",
+                    help="base encoder key positions: each chunk just before the query, or at its distance in the text")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--gate-lr", type=float, default=5e-3, help="learning rate of the tanh gates")
     ap.add_argument("--warmup", type=int, default=60)
@@ -141,12 +143,13 @@ class Student(nn.Module):
         self.adapter = adapter
         object.__setattr__(self, "base", base)
 
-    def forward(self, ids, cu_seqlens, chunk_index, dec_ids, n_keep: int, shift: int = 0):
-        """`shift` k gives sample b the memory of sample b+k (the memory-use check: another text's memory)."""
+    def forward(self, ids, cu_seqlens, chunk_index, dec_ids, n_keep: int, shift: int = 0, after=None):
+        """`shift` k gives sample b the memory of sample b+k (the memory-use check: another text's memory);
+        `after` [chunks] long: the context tokens after each chunk (read by positions="document")."""
         from ..core.methods.combllama.modules import KWARG, CrossInput
 
         B = dec_ids.shape[0]
-        kv = self.adapter.encode(self.base, ids, cu_seqlens, chunk_index)  # X × (K, V) [B*C, Hkv, D]
+        kv = self.adapter.encode(self.base, ids, cu_seqlens, chunk_index, after)  # X × (K, V) [B*C, Hkv, D]
         keys = [k.view(B, -1, *k.shape[1:]).transpose(1, 2).roll(-shift, 0) for k, _ in kv]  # [B, Hkv, C, D]
         values = [v.view(B, -1, *v.shape[1:]).transpose(1, 2).roll(-shift, 0) for _, v in kv]
         pos = torch.arange(dec_ids.shape[1], device=dec_ids.device)[None].expand(B, -1)
@@ -194,9 +197,9 @@ def chunk_lengths(rng: random.Random, total: int, lo: int, hi: int) -> list[int]
 
 def make_batch(shards: Shards, rng: random.Random, args, prefix: list[int], device):
     """Teacher ids [B, P+C+T-1], student decoder ids [B, P+T-1], packed encoder ids [B*C] with cu_seqlens
-    int32 [chunks+1] and chunk_index [B*C], targets [B, T]."""
+    int32 [chunks+1], chunk_index [B*C] and after [chunks] (the context tokens after each chunk), targets [B, T]."""
     C, T = args.context, args.cont
-    teach, dec, enc, cu, index, targets = [], [], [], [0], [], []
+    teach, dec, enc, cu, index, after, targets = [], [], [], [0], [], [], []
     for _ in range(args.batch):
         if rng.random() < args.copy_frac:
             ctx = shards.window(rng, C)
@@ -209,11 +212,14 @@ def make_batch(shards: Shards, rng: random.Random, args, prefix: list[int], devi
         dec.append(prefix + y[:-1])
         targets.append(y)
         enc += ctx
+        end = 0
         for i, n in enumerate(chunk_lengths(rng, C, args.chunk_min, args.chunk_max)):
             cu.append(cu[-1] + n)
             index += [i] * n
+            end += n
+            after.append(C - end)
     t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
-    return t(teach), t(dec), t(enc), t(cu, torch.int32), t(index), t(targets)
+    return t(teach), t(dec), t(enc), t(cu, torch.int32), t(index), t(after), t(targets)
 
 
 # --- loss ----------------------------------------------------------------------------------------------------
@@ -308,7 +314,8 @@ def main(argv=None) -> dict:
     shards = Shards(Path(args.data), model.config.vocab_size)
     prefix = memory_prefix_ids(tok, DEFAULT_SYSTEM)
     config = CombConfig.for_model(model.config, rank=args.rank, chunk_order=not args.no_chunk_order,
-                                  qk_norm=args.qk_norm, encoder=args.encoder, null_slot=args.null_slot)
+                                  qk_norm=args.qk_norm, encoder=args.encoder, null_slot=args.null_slot,
+                                  positions=args.positions)
     adapter = CombAdapter.from_base(model, config)
     for p in adapter.parameters():  # fp32 master weights; the frozen copies stay in the base dtype
         p.data = p.data.float()
@@ -362,11 +369,11 @@ def main(argv=None) -> dict:
             break
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * lr_at(step, args, elapsed)
-        teach, dec, enc, cu, index, y = make_batch(shards, rng, args, prefix, device)
+        teach, dec, enc, cu, index, after, y = make_batch(shards, rng, args, prefix, device)
         with torch.no_grad(), amp:
             teacher = model(input_ids=teach, use_cache=False, logits_to_keep=args.cont).logits
         with amp:
-            logits = net(enc, cu, index if config.chunk_order else None, dec, args.cont)
+            logits = net(enc, cu, index if config.chunk_order else None, dec, args.cont, after=after)
         kl, ce, tce = losses(logits, teacher, y, args.temperature)
         loss = args.kl_weight * kl + args.ce_weight * ce
         opt.zero_grad(set_to_none=True)
@@ -380,7 +387,8 @@ def main(argv=None) -> dict:
             ga = torch.stack([torch.tanh(b.attn_gate.detach()).abs() for b in adapter.cross]).mean().item()
             gm = torch.stack([torch.tanh(b.mlp_gate.detach()).abs() for b in adapter.cross]).mean().item()
             with torch.no_grad(), amp:  # the same batch read through another sample's memory
-                other = losses(student(enc, cu, index if config.chunk_order else None, dec, args.cont, shift=1),
+                other = losses(student(enc, cu, index if config.chunk_order else None, dec, args.cont, shift=1,
+                                       after=after),
                                teacher, y, args.temperature)[0].item() if args.batch > 1 else float("nan")
             last = dict(step=step, seconds=round(secs, 2), lr=opt.param_groups[0]["lr"], loss=loss.item(),
                         kl=kl.item(), ce=ce.item(), teacher_ce=tce.item(), gate_attn_mean=ga, gate_mlp_mean=gm,

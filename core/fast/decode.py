@@ -3,8 +3,9 @@ in a CUDA graph.
 
 It reuses the model's own modules (projections, norms, MLP, rotary embedding) and replaces only the
 cache and attention plumbing: the memory part goes through one fused kernel (fast/attention.py), the
-turn's own tokens through a small masked part, merged exactly by log-sum-exp. A decode step then has
-fixed shapes and addresses, so one graph replay per token removes the launch overhead that dominates
+turn's own tokens through a small masked part, merged exactly by log-sum-exp. What a memory adds before each layer
+(KVMemory.pre_layer: CombLlama's cross blocks over its fixed cross memory) runs inside the same step.
+A decode step then has fixed shapes and addresses, so one graph replay per token removes the launch overhead that dominates
 plain transformers at batch 1. Knows nothing of files, text or sampling.
 """
 from __future__ import annotations
@@ -55,13 +56,14 @@ class FastDecoder:
     `static`'s turn slots in order. `use_graph` captures the step on first use (CUDA only)."""
 
     def __init__(self, model, static, *, use_graph: bool | None = None, backend: str | None = None,
-                 unified: bool | None = None, num_splits: int | None = None):
+                 unified: bool | None = None, num_splits: int | None = None, pre_layer=None):
         import torch
 
         why = eligible(model)
         if why is not None:
             raise ValueError(f"fast decoding does not support this model: {why}")
         self.model, self.static = model, static
+        self.pre_layer = pre_layer  # KVMemory.pre_layer(): f(layer index, h) run before each layer, or None
         dev, dt = static.mem_k[0].device, static.mem_k[0].dtype
         self.backend = attention.choose(dev.type, dt, backend)
         self.use_graph = dev.type == "cuda" if use_graph is None else bool(use_graph and dev.type == "cuda")
@@ -105,6 +107,8 @@ class FastDecoder:
                 self._cu_k_n = st.k[0].shape[2]
                 self._cu_k = torch.tensor([0, self._cu_k_n], dtype=torch.int32, device=ids.device)
         for li, layer in enumerate(inner.layers):
+            if self.pre_layer is not None:
+                h = self.pre_layer(li, h)
             a = layer.self_attn
             x = rms_norm(h, layer.input_layernorm)
             hd = a.head_dim
@@ -290,7 +294,7 @@ def warm_up(model, tokens: int = 16) -> None:
 
 
 def fast_decoder(model, memory, capacity: int, *, use_graph: bool | None = None) -> FastDecoder:
-    """The decoder serving `memory` (a plain KVMemory) with room for `capacity` turn tokens, kept on the
+    """The decoder serving `memory` (a KVMemory of equal-length layers) with room for `capacity` turn tokens, kept on the
     memory's cache so that every Engine over the same memory shares its buffers and captured graph."""
     from .static_cache import StaticKV
 
@@ -300,7 +304,7 @@ def fast_decoder(model, memory, capacity: int, *, use_graph: bool | None = None)
         static = getattr(cache, "_combllama_static", None)
         if static is None or static.memory_length != memory.lengths[0]:
             static = StaticKV.adopt(memory, max(capacity, 256))
-        dec = FastDecoder(model, static, use_graph=use_graph)
+        dec = FastDecoder(model, static, use_graph=use_graph, pre_layer=memory.pre_layer())
         cache._combllama_fast = dec
     if use_graph is not None:
         dec.use_graph = bool(use_graph and dec.static.mem_k[0].is_cuda)

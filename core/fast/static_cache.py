@@ -18,8 +18,9 @@ def uniform_length(memory) -> int | None:
     from transformers import DynamicCache
 
     cache = memory.cache
-    # Exactly a DynamicCache: a subclass (an offloaded or selecting cache) has its own reading logic.
-    if type(cache) is not DynamicCache or getattr(cache, "attention_kwargs", None):
+    # Exactly a DynamicCache: a subclass (an offloaded or selecting cache) has its own reading logic. Forward
+    # keywords (per-head masks) are read by transformers' layers only, unless the memory offers a pre_layer.
+    if type(cache) is not DynamicCache or (getattr(cache, "attention_kwargs", None) and memory.pre_layer() is None):
         return None
     lengths = set(memory.lengths)
     if len(lengths) != 1:

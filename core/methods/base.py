@@ -72,6 +72,12 @@ class KVMemory:
     lengths: list[int]
     chunk_spans: list[tuple[int, int]] = field(default_factory=list)  # physical [a, b) per chunk, layer 0
 
+    def pre_layer(self):
+        """None, or f(layer index, hidden [1, T, d]) → hidden: what the memory adds before each decoder layer
+        beyond its cache (CombLlama's cross blocks). A decoder that runs the layers itself (core/fast) calls
+        it; transformers' forward gets the same through the cache's `attention_kwargs`."""
+        return None
+
 
 @dataclass(frozen=True)
 class Options:

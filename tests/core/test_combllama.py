@@ -120,6 +120,30 @@ def test_base_encoder_memory_is_the_decoders_own_kv(deep):
         torch.testing.assert_close((q * k).sum(-1), (rope(q, cos[0], sin[0]) * cached_k).sum(-1), atol=1e-4, rtol=1e-4)
 
 
+def test_document_positions_keep_the_distance_of_the_later_chunks(deep):
+    """positions="document": a chunk followed by `a` memory tokens has its keys `a` positions further from the
+    query than positions="chunk" puts them (q·k as a query `a` tokens later); values and the last chunk are
+    unchanged, and "chunk" ignores `after`."""
+    from combllama.core.methods.combllama.modules import rope
+
+    chunked = CombAdapter.from_base(deep, CombConfig.for_model(deep.config, encoder="base"))
+    documented = CombAdapter.from_base(deep, CombConfig.for_model(deep.config, encoder="base", positions="document"))
+    torch.manual_seed(7)
+    ids = torch.randint(0, 128, (30,))
+    cu, after = torch.tensor([0, 12, 30], dtype=torch.int32), torch.tensor([18, 0])
+    per_chunk = chunked.encode(deep, ids, cu, None, after)
+    assert all(torch.equal(k, k0) for (k, _), (k0, _) in zip(per_chunk, chunked.encode(deep, ids, cu)))
+    in_text = documented.encode(deep, ids, cu, None, after)
+    q = torch.randn(1, 2, 16)
+    cos, sin = deep.model.rotary_emb(q[None], torch.tensor([[18]]))
+    for (k, v), (kd, vd) in zip(per_chunk, in_text):
+        assert torch.equal(v, vd) and torch.equal(k[12:], kd[12:])
+        torch.testing.assert_close((q * kd[:12]).sum(-1), (rope(q, cos[0], sin[0]) * k[:12]).sum(-1),
+                                   atol=1e-4, rtol=1e-4)
+    with pytest.raises(Exception, match="positions"):
+        CombConfig.for_model(deep.config, positions="sentence")
+
+
 def test_null_slot_is_one_more_key_with_a_zero_value(deep):
     """With null_slot the cross block's softmax also covers a learned key per KV head whose value is zero:
     attention mass a query puts there is taken away from the memory's values."""
@@ -302,3 +326,73 @@ def test_default_method_switches_only_for_the_adapters_model(tiny, tiny_dir_othe
     with pytest.raises(IncompatibleMemoryError):
         from_manifest(reader.manifest).attach(tiny.model, reader.manifest, reader.chunks())
     comb_method._cache.pop(tiny.model, None)
+
+
+def test_ingest_gives_each_chunk_the_tokens_after_it(tiny, long_doc, store, tmp_path):
+    """Through ingest, a positions="document" adapter keys the last chunk as "chunk" does (nothing after it)
+    and every earlier chunk further away."""
+    import dataclasses
+
+    model = tiny.model
+    adapter = _trained_like(model, CombConfig.for_model(model.config, rank=4, encoder="base"))
+    memories = []
+    for positions in ("chunk", "document"):
+        adapter.config = dataclasses.replace(adapter.config, positions=positions)
+        path = tmp_path / f"{positions}.safetensors"
+        save_adapter(path, adapter, base_fingerprint=tiny.fingerprint, base_weights=weights_fingerprint(model),
+                     base_name=tiny.name, info={})
+        reader, memory = _ingest(tiny, long_doc, store, positions, {"adapter": str(path)})
+        memories.append(memory)
+    doc_chunks = [c for c in reader.manifest["chunks"] if c["end"] > reader.manifest["prompt"]["prefix_tokens"]]
+    last = doc_chunks[-1]["end"] - max(doc_chunks[-1]["start"], reader.manifest["prompt"]["prefix_tokens"])
+    assert len(doc_chunks) >= 3
+    for k_chunk, k_doc in zip(memories[0].cross.keys, memories[1].cross.keys):
+        torch.testing.assert_close(k_doc[:, :, -last:], k_chunk[:, :, -last:])
+        assert not torch.allclose(k_doc[:, :, :-last], k_chunk[:, :, :-last], atol=1e-3)
+
+
+@pytest.mark.parametrize("null_slot", [False, True])
+def test_fast_path_reads_the_cross_memory_like_transformers(tiny, long_doc, store, tmp_path, null_slot):
+    """core/fast runs the cross blocks through KVMemory.pre_layer: the same logits and greedy answer as
+    transformers' forward with the decoder hooks, and the memory visibly changes them."""
+    from combllama.core.fast.decode import fast_decoder
+    from combllama.core.fast.static_cache import uniform_length
+
+    model = tiny.model
+    adapter = _trained_like(model, CombConfig.for_model(model.config, rank=4, encoder="base", null_slot=null_slot))
+    for block in adapter.cross:
+        block.attn_gate.data.fill_(0.8)
+        block.mlp_gate.data.fill_(0.5)
+    path = tmp_path / "gated.safetensors"
+    save_adapter(path, adapter, base_fingerprint=tiny.fingerprint, base_weights=weights_fingerprint(model),
+                 base_name=tiny.name, info={})
+    _, memory = _ingest(tiny, long_doc, store, "fast", {"adapter": str(path)})
+    assert memory.pre_layer() is not None and uniform_length(memory) == memory.logical_length
+    q = turn_ids(tiny.tokenizer, "Which lantern hangs in room 3?")
+    pos, phys = memory.logical_length, memory.lengths[0]
+
+    with torch.no_grad():  # not inference_mode: the static buffers made here serve the Engine below
+        plain = [prefill(model, q, memory.cache, pos, phys)]
+        plain.append(prefill(model, [7], memory.cache, pos + len(q), phys + len(q)))
+        trim_cache(memory.cache, memory.lengths)
+        dec = fast_decoder(model, memory, len(q) + 4, use_graph=False)
+        fast = [dec.prefill(q, pos), dec.step(7, pos + len(q)).clone()]
+        dec.static.reset()
+        gates = [(b.attn_gate.data.clone(), b.mlp_gate.data.clone()) for b in memory.cross.adapter.cross]
+        try:
+            for b in memory.cross.adapter.cross:
+                b.attn_gate.data.zero_(), b.mlp_gate.data.zero_()
+            bare = prefill(model, q, memory.cache, pos, phys)
+        finally:
+            for b, (ga, gm) in zip(memory.cross.adapter.cross, gates):
+                b.attn_gate.data.copy_(ga), b.mlp_gate.data.copy_(gm)
+            trim_cache(memory.cache, memory.lengths)
+    for f, p in zip(fast, plain):
+        torch.testing.assert_close(f.float(), p.float(), rtol=1e-4, atol=1e-4)
+    assert (fast[0] - bare).abs().max() > 1e-2  # the cross memory is read, not skipped
+
+    opts = GenerateOptions(max_new_tokens=8)
+    want = list(Engine(model, memory, [], fast=False).generate(q, opts))
+    engine = Engine(model, memory, [], fast=True)
+    assert list(engine.generate(q, opts)) == want
+    assert engine.stats.extra["path"].startswith("fast")

@@ -171,6 +171,48 @@ def test_engine_takes_the_fast_path_on_cuda_and_answers_like_plain(model32):
     assert list(Engine(model32, memory, [], fast=False).generate(q, opts)) == fast[0]
 
 
+def test_combllama_cross_blocks_run_inside_the_graph_like_transformers(model32):
+    """A CombLlama memory (gated cross blocks with a null slot over a 1,500-token cross memory) answers on
+    the fast path, cross blocks captured in the CUDA graph, with transformers' logits and greedy tokens."""
+    from combllama.core.methods.combllama.method import CombMemory
+    from combllama.core.methods.combllama.modules import KWARG, CombAdapter, CombConfig, CrossInput, install_hooks
+
+    torch.manual_seed(5)
+    adapter = CombAdapter.from_base(model32, CombConfig.for_model(model32.config, rank=4, encoder="base",
+                                                                  null_slot=True)).eval().requires_grad_(False)
+    for p in adapter.parameters():
+        p.add_(torch.randn_like(p) * 0.05)
+    for b in adapter.cross:
+        b.attn_gate.fill_(0.8), b.mlp_gate.fill_(0.5)
+    install_hooks(model32)
+    g = torch.Generator().manual_seed(6)
+    doc = torch.randint(0, 1024, (1500,), generator=g).cuda()
+    with torch.no_grad():
+        kv = adapter.encode(model32, doc, torch.tensor([0, 700, 1500], dtype=torch.int32, device="cuda"))
+
+    def memory():
+        prefix = memory_of(model32, list(range(40)))
+        cross = CrossInput(adapter, [k.transpose(0, 1)[None] for k, _ in kv], [v.transpose(0, 1)[None] for _, v in kv])
+        prefix.cache.attention_kwargs = {KWARG: cross}
+        return CombMemory(prefix.cache, 40, list(prefix.lengths), [], cross)
+
+    q, answer = torch.randint(0, 1024, (9,), generator=g).tolist(), torch.randint(0, 1024, (8,), generator=g).tolist()
+    plain_mem, fast_mem = memory(), memory()
+    with torch.no_grad():
+        ref = [prefill(model32, q, plain_mem.cache, 40).float()]
+        ref += [prefill(model32, [t], plain_mem.cache, 40 + len(q) + i).float() for i, t in enumerate(answer)]
+        dec = fast_decoder(model32, fast_mem, len(q) + len(answer), use_graph=True)
+        got = [dec.prefill(q, 40).float()] + [dec.step(t, 40 + len(q) + i).float().clone() for i, t in enumerate(answer)]
+        dec.static.reset()
+    assert dec._graph is not None
+    assert max(rel(a, b) for a, b in zip(got, ref)) < 1e-4
+    opts = GenerateOptions(max_new_tokens=16)
+    want = list(Engine(model32, memory(), [], fast=False).generate(q, opts))
+    eng = Engine(model32, fast_mem, [], fast=True)
+    assert list(eng.generate(q, opts)) == want
+    assert eng.stats.extra["path"].endswith("cuda graph)")
+
+
 def test_greedy_bursts_stop_where_one_step_at_a_time_stops(model32, monkeypatch):
     """Greedy answers come GREEDY_BURST tokens per graph replay: the same tokens as one graph replay per token
     (GREEDY_BURST 0, the same kernels), and a budget that is not a multiple of the burst, or an EOS in the middle

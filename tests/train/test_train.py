@@ -68,7 +68,7 @@ def test_teacher_and_student_predict_the_same_tokens(shards, tiny):
     args.copy_frac = 0.0
     data = train.Shards(shards, tiny.model.config.vocab_size)
     prefix = [1, 2, 3]
-    teach, dec, enc, cu, index, y = train.make_batch(data, random.Random(0), args, prefix, torch.device("cpu"))
+    teach, dec, enc, cu, index, after, y = train.make_batch(data, random.Random(0), args, prefix, torch.device("cpu"))
     B, C, T = args.batch, args.context, args.cont
     assert teach.shape == (B, 3 + C + T - 1) and dec.shape == (B, 3 + T - 1) and y.shape == (B, T)
     assert enc.shape == (B * C,) and int(cu[-1]) == B * C and index.shape == enc.shape
@@ -76,6 +76,9 @@ def test_teacher_and_student_predict_the_same_tokens(shards, tiny):
         # Both end with y[:-1] after their prefix (+ context): the last T logits predict y.
         assert teach[b, -(T - 1):].tolist() == y[b, :-1].tolist() == dec[b, 3:].tolist()
         assert teach[b, 3:3 + C].tolist() == enc[b * C:(b + 1) * C].tolist()
+    # after: the context tokens that follow each chunk in its sample (0 for a sample's last chunk)
+    ends = [int(c) for c in cu[1:]]
+    assert after.tolist() == [-e % C for e in ends]
 
 
 def test_memory_use_check_reads_the_next_samples_memory(shards, tiny):
@@ -84,7 +87,7 @@ def test_memory_use_check_reads_the_next_samples_memory(shards, tiny):
 
     args = train.parse(["--smoke", "--data", str(shards)])
     data = train.Shards(shards, tiny.model.config.vocab_size)
-    teach, dec, enc, cu, index, y = train.make_batch(data, random.Random(0), args, [1, 2], torch.device("cpu"))
+    teach, dec, enc, cu, index, after, y = train.make_batch(data, random.Random(0), args, [1, 2], torch.device("cpu"))
     adapter = CombAdapter.from_base(tiny.model, CombConfig.for_model(tiny.model.config, rank=2, encoder="base"))
     for block in adapter.cross:
         block.attn_gate.data.fill_(0.5)
@@ -100,7 +103,8 @@ def test_memory_use_check_reads_the_next_samples_memory(shards, tiny):
     assert not torch.allclose(shifted[0], own[0], atol=1e-4)
 
 
-@pytest.mark.parametrize("encoder,extra", [("base", []), ("stack", []), ("base", ["--null-slot"])])
+@pytest.mark.parametrize("encoder,extra", [("base", []), ("stack", []), ("base", ["--null-slot"]),
+                                           ("base", ["--null-slot", "--positions", "document"])])
 def test_smoke_run_writes_a_loadable_adapter(shards, tiny, tiny_dir, tmp_path, encoder, extra):
     out = tmp_path / "run"
     summary = train.main(["--smoke", "--model", str(tiny_dir), "--data", str(shards), "--out", str(out),
@@ -115,6 +119,7 @@ def test_smoke_run_writes_a_loadable_adapter(shards, tiny, tiny_dir, tmp_path, e
     meta = read_header(path)
     assert meta["base_fingerprint"] == tiny.fingerprint and meta["info"]["step"] == 3
     assert meta["config"].encoder == encoder and meta["config"].null_slot == bool(extra)
+    assert meta["config"].positions == ("document" if "document" in extra else "chunk")
     adapter = load_adapter(path, tiny.model)
     # The gates moved off zero: the adapter now reads its memory.
     assert all(float(b.attn_gate.abs()) > 0 for b in adapter.cross)

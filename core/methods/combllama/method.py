@@ -110,6 +110,13 @@ class CombMemory(KVMemory):
 
     cross: object = None  # modules.CrossInput | None (a memory without document tokens)
 
+    def pre_layer(self):
+        if self.cross is None or self.cross.masks:
+            return None
+        for slot in range(len(self.cross.keys)):  # the null slot appended now, not inside a captured step
+            self.cross.layer(slot)
+        return self.cross.pre_layer
+
     def kv_entries(self) -> int:
         prefix = sum(int(lay.keys.shape[1] * lay.keys.shape[2]) for lay in self.cache.layers if lay.keys is not None)
         return prefix + (self.cross.entries() if self.cross is not None else 0)
@@ -174,6 +181,7 @@ class CombEncoder(Encoder):
         self.method, self.model, self.n_prefix = method, model, method.n_prefix
         self.adapter, self.digest = resolve_adapter(model, method.options.adapter)
         self.keep = method.keep_fraction(total_tokens)
+        self.total = total_tokens
         self.prefix_ids: list[int] = []
         install_hooks(model)
 
@@ -205,7 +213,8 @@ class CombEncoder(Encoder):
                 ids = torch.tensor(doc, device=dev)
                 cu = torch.tensor([0, len(doc)], dtype=torch.int32, device=dev)
                 index = torch.full_like(ids, chunk.seq) if self.method.options.chunk_order else None
-                kv = self.adapter.encode(model, ids, cu, index)  # X × (K, V) [n, Hkv, D]
+                after = torch.tensor([self.total - chunk.end], device=dev)  # the memory tokens after this chunk
+                kv = self.adapter.encode(model, ids, cu, index, after)  # X × (K, V) [n, Hkv, D]
                 ks = [k.transpose(0, 1).to(dt) for k, _ in kv]  # [Hkv, n, D]
                 vs = [v.transpose(0, 1).to(dt) for _, v in kv]
                 if self.keep < 1:

@@ -24,6 +24,7 @@ from ...errors import BadInputError
 
 KWARG = "combllama_cross"  # the forward keyword the decoder hooks read
 ENCODERS = ("stack", "base")  # CombConfig.encoder: see BaseStateEncoder and ChunkEncoder
+POSITIONS = ("chunk", "document")  # CombConfig.positions: where "base" puts a chunk's keys
 USE_VARLEN = True  # training turns it off where the varlen kernel fails its forward/backward check
 
 
@@ -61,6 +62,10 @@ class CombConfig:
     # A learned key per KV head with a zero value beside the memory: a query that finds nothing in the memory
     # can put its attention there, so the block's output shrinks instead of averaging unrelated tokens.
     null_slot: bool = False
+    # "base" key positions. "chunk": every chunk's keys at -n..-1, as if each chunk ended just before the query.
+    # "document": chunk keys also count the memory tokens after the chunk (-n-a..-1-a), so the memory keeps the
+    # distances of the text the way a KV cache does, and recency-reading heads find the text's last tokens.
+    positions: str = "chunk"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cross_layers", tuple(int(i) for i in self.cross_layers))
@@ -76,6 +81,8 @@ class CombConfig:
             raise BadInputError(f"combllama encoder must be one of {', '.join(ENCODERS)}, not {self.encoder!r}")
         if self.sink_token < 0:
             raise BadInputError("combllama sink_token must be a token id")
+        if self.positions not in POSITIONS:
+            raise BadInputError(f"combllama positions must be one of {', '.join(POSITIONS)}, not {self.positions!r}")
 
     @classmethod
     def for_model(cls, config, **overrides) -> "CombConfig":
@@ -262,8 +269,9 @@ class ChunkEncoder(nn.Module):
         self.chunk_embed = (nn.Parameter(torch.zeros(c.max_chunks, c.hidden_size, dtype=ref.dtype, device=ref.device))
                             if c.chunk_order else None)
 
-    def run(self, model, ids, cu_seqlens, chunk_index=None):
-        """Token ids [N] packed by cu_seqlens int32 [S+1] → X pairs (K, V) [N, Hkv, D] (chunk-local RoPE)."""
+    def run(self, model, ids, cu_seqlens, chunk_index=None, after=None):
+        """Token ids [N] packed by cu_seqlens int32 [S+1] → X pairs (K, V) [N, Hkv, D] (chunk-local RoPE;
+        `after` is for the base encoder's key positions and unused here)."""
         lens = cu_seqlens[1:] - cu_seqlens[:-1]
         pos = torch.arange(ids.shape[0], device=ids.device) - torch.repeat_interleave(cu_seqlens[:-1].long(), lens.long())
         embeds = model.get_input_embeddings()(ids)
@@ -297,7 +305,8 @@ class BaseStateEncoder(nn.Module):
     """The "base" encoder: the frozen base model reads every chunk alone (causal, a sink token first, chunk
     positions 1..n), and cross layer i's memory is the memory projection (decoder layer X[i]'s own input norm
     and k/v maps, plus trained low-rank deltas) of the hidden state entering layer X[i]. Keys are rotated at
-    positions -n..-1: relative to an unrotated query (position 0) every chunk ends just before it. Owns only
+    positions -n-a..-1-a relative to an unrotated query (position 0), a = `after[s]`, the memory tokens that
+    follow chunk s (CombConfig.positions "document"; 0 for "chunk": every chunk ends just before it). Owns only
     the projections and the chunk-index embedding (added to the hidden state before each projection)."""
 
     def __init__(self, c: CombConfig, projections: list[dict]):
@@ -308,9 +317,10 @@ class BaseStateEncoder(nn.Module):
         self.chunk_embed = (nn.Parameter(torch.zeros(c.max_chunks, c.hidden_size, dtype=ref.dtype, device=ref.device))
                             if c.chunk_order else None)
 
-    def run(self, model, ids, cu_seqlens, chunk_index=None):
-        """Token ids [N] packed by cu_seqlens int32 [S+1] → X pairs (K, V) [N, Hkv, D]. No gradient reaches
-        the base model: its states are constants, only the projections and chunk embeddings learn."""
+    def run(self, model, ids, cu_seqlens, chunk_index=None, after=None):
+        """Token ids [N] packed by cu_seqlens int32 [S+1], after [S] long or None (zeros) → X pairs (K, V)
+        [N, Hkv, D]. No gradient reaches the base model: its states are constants, only the projections and
+        chunk embeddings learn."""
         c = self.c
         batch, valid = pad_chunks(ids, cu_seqlens, c.sink_token)  # [S, L]
         S = batch.shape[0]
@@ -321,6 +331,8 @@ class BaseStateEncoder(nn.Module):
                                  use_cache=False).hidden_states  # L+1 × [S, 1+Lmax, d]; [j] enters layer j
         lens = valid.sum(1, keepdim=True)  # [S, 1]
         pos = torch.arange(batch.shape[1], device=ids.device)[None] - lens  # token j of a chunk of n: j - n
+        if after is not None:
+            pos = pos - after.to(pos.device, pos.dtype)[:, None]
         cos, sin = model.model.rotary_emb(states[0], pos)  # [S, Lmax, D]
         cos, sin = cos[valid], sin[valid]  # [N, D], packed order
         out = []
@@ -366,18 +378,33 @@ class CrossBlock(nn.Module):
             q = self.q_norm(q)
         return q.transpose(1, 2)
 
+    def with_null(self, k, v, key_mask=None):
+        """The memory as attention reads it: K, V [Bm, Hkv, M (+1), D] and key_mask [Bm, M (+1)] or None, with
+        the null slot (a learned key whose value is zero) appended when the adapter has one."""
+        if self.null_key is None:
+            return k, v, key_mask
+        # the memory's batch may be 1 for B queries (SDPA broadcasts it): follow the memory's
+        null = self.null_key.to(k.dtype)[None, :, None, :].expand(k.shape[0], -1, 1, -1)  # [Bm, Hkv, 1, D]
+        k, v = torch.cat([k, null], 2), torch.cat([v, torch.zeros_like(null, dtype=v.dtype)], 2)
+        if key_mask is not None:
+            key_mask = torch.cat([key_mask, key_mask.new_ones(key_mask.shape[0], 1)], 1)
+        return k, v, key_mask
+
     def forward(self, h, k, v, key_mask=None, scorer: Callable | None = None):
-        c = self.c
-        B, n, _ = h.shape
+        """The block over a raw memory (as encoded); `scorer(q, k, key_mask)` sees it before the null slot."""
         q = self.queries(h)
         if scorer is not None:
             scorer(q, k, key_mask)
-        if self.null_key is not None:  # one more key per KV head (learned), whose value is zero
-            # the memory's batch may be 1 for B queries (SDPA broadcasts it): follow the memory's
-            null = self.null_key.to(k.dtype)[None, :, None, :].expand(k.shape[0], -1, 1, -1)  # [Bm, Hkv, 1, D]
-            k, v = torch.cat([k, null], 2), torch.cat([v, torch.zeros_like(null, dtype=v.dtype)], 2)
-            if key_mask is not None:
-                key_mask = torch.cat([key_mask, key_mask.new_ones(key_mask.shape[0], 1)], 1)
+        return self._attend(h, q, *self.with_null(k, v, key_mask))
+
+    def read(self, h, k, v, key_mask=None):
+        """The block over a memory that already went through with_null (CrossInput.layer prepares it once,
+        so a decode step does not copy the memory to append one entry)."""
+        return self._attend(h, self.queries(h), k, v, key_mask)
+
+    def _attend(self, h, q, k, v, key_mask):
+        c = self.c
+        B, n, _ = h.shape
         mask = None if key_mask is None else key_mask[:, None, None, :]
         a = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
                                            enable_gqa=c.n_heads != c.n_kv_heads)  # [B, H, n, D]
@@ -412,9 +439,11 @@ class CombAdapter(nn.Module):
         w = [layer_weights(layers[i]) for i in c.cross_layers]
         return cls(c, w, w, w)
 
-    def encode(self, model, ids, cu_seqlens, chunk_index=None):
-        """Token ids [N] packed by cu_seqlens int32 [S+1] → X pairs (K, V) [N, Hkv, D]."""
-        return self.encoder.run(model, ids, cu_seqlens, chunk_index)
+    def encode(self, model, ids, cu_seqlens, chunk_index=None, after=None):
+        """Token ids [N] packed by cu_seqlens int32 [S+1] → X pairs (K, V) [N, Hkv, D]. `after` [S] long: the
+        memory tokens that follow each chunk (read when config.positions is "document")."""
+        return self.encoder.run(model, ids, cu_seqlens, chunk_index,
+                                after if self.config.positions == "document" else None)
 
 
 @dataclass
@@ -428,24 +457,45 @@ class CrossInput:
     values: list
     masks: list = field(default_factory=list)
     scorer: Any = None
+    _ready: dict = field(default_factory=dict, init=False, repr=False)  # slot → memory after with_null
 
     def entries(self) -> int:
         """KV entries (token × KV head) summed over cross layers."""
         return sum(int(k.shape[0] * k.shape[1] * k.shape[2]) if m is None else int(m.sum()) * int(k.shape[1])
                    for k, m in zip(self.keys, self.masks or [None] * len(self.keys)))
 
+    def layer(self, slot: int):
+        """Cross layer `slot`'s memory (K, V, key_mask) with the null slot appended, made once. The raw
+        keys/values are then re-pointed at views of it, so the memory is not held twice."""
+        if slot not in self._ready:
+            k, v = self.keys[slot], self.values[slot]
+            mask = self.masks[slot] if self.masks else None
+            ready = self.adapter.cross[slot].with_null(k, v, mask)
+            self._ready[slot] = ready
+            if ready[0] is not k:
+                M = k.shape[2]
+                self.keys[slot], self.values[slot] = ready[0][:, :, :M], ready[1][:, :, :M]
+                if self.masks:
+                    self.masks[slot] = ready[2][:, :M]
+        return self._ready[slot]
+
+    def pre_layer(self, layer_idx: int, h):
+        """h [B, n, d] entering decoder layer `layer_idx` → h after its cross block (unchanged where none)."""
+        slot = self.adapter.slot.get(layer_idx)
+        if slot is None:
+            return h
+        if self.scorer is not None:
+            mask = self.masks[slot] if self.masks else None
+            return self.adapter.cross[slot](h, self.keys[slot], self.values[slot], mask,
+                                            lambda q, k, m: self.scorer(slot, q, k, m))
+        return self.adapter.cross[slot].read(h, *self.layer(slot))
+
 
 def _pre_hook(module, args, kwargs):
     ci = kwargs.get(KWARG)
-    if ci is None:
+    if ci is None or module.self_attn.layer_idx not in ci.adapter.slot:
         return None
-    slot = ci.adapter.slot.get(module.self_attn.layer_idx)
-    if slot is None:
-        return None
-    h = args[0] if args else kwargs["hidden_states"]
-    mask = ci.masks[slot] if ci.masks else None
-    scorer = (lambda q, k, m: ci.scorer(slot, q, k, m)) if ci.scorer is not None else None
-    h = ci.adapter.cross[slot](h, ci.keys[slot], ci.values[slot], mask, scorer)
+    h = ci.pre_layer(module.self_attn.layer_idx, args[0] if args else kwargs["hidden_states"])
     if args:
         return (h, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": h}
