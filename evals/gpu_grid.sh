@@ -2,10 +2,11 @@
 # The full evaluation grid on the GPU machine (SmolLM2, float32, CUDA), in back-to-back runs of the
 # `device` tool (each at most 10 minutes, at most 64 MiB carried; the machine stays warm ~30 s between):
 #
-#   1. STAGE=stash    carry .carry/p1                    first half of the embedded GGUF → /tmp/stash
-#   2. STAGE=prepare  carry .carry/whl-core .carry/p2    join the GGUF, build the model cache, smoke grid on CUDA
-#      (.carry/whl-core: the wheels the conversion needs, copied from .whl; with the whole .whl beside a GGUF
-#      part the working tree passes the 64 MiB a run carries)
+#   1. STAGE=stash    carry .carry/p1, then .carry/p2     the embedded GGUF's first parts → /tmp/stash (one run each;
+#      `split -n 3 -a 2` of the GGUF, each part's folder with its sha256 and a "parts" file saying 3)
+#   2. STAGE=prepare  carry .carry/whl-core .carry/p3    join the GGUF, build the model cache, smoke grid on CUDA
+#      (.carry/whl-core: the wheels the conversion needs, copied from .whl; a part, the wheels and the working
+#      tree must stay under the 64 MiB a run carries: with the 9.7 MiB adapter two parts no longer fit)
 #   3. STAGE=grid PIECES="full truncate kvcompose ..."   carry .whl .carry/evals
 #   4. STAGE=grid PIECES="kvpress:snapkv ..."             carry .whl .carry/evals   (and so on)
 #      PARALLEL=1 runs a run's pieces side by side; METHOD@0.5,0.25~2048 encodes in 2,048-token chunks;

@@ -62,6 +62,8 @@ def parse(argv=None):
     ap.add_argument("--no-chunk-order", action="store_true", help="no chunk-index embedding (ablation)")
     ap.add_argument("--qk-norm", action="store_true")
     ap.add_argument("--null-slot", action="store_true", help="a learned null key (zero value) in every cross block")
+    ap.add_argument("--cross-every", type=int, default=4, metavar="N",
+                    help="a cross block before every Nth decoder layer (4: the design; other values are ablations)")
     ap.add_argument("--positions", choices=("chunk", "document"), default="chunk",
                     help="base encoder key positions: each chunk just before the query, or at its distance in the text")
     ap.add_argument("--lr", type=float, default=5e-4)
@@ -83,6 +85,8 @@ def parse(argv=None):
         args.rank = min(args.rank, 4)
     if not 16 <= args.chunk_min <= args.chunk_max or args.context < args.chunk_min or args.cont < 2:
         ap.error("need 16 <= chunk-min <= chunk-max, context >= chunk-min, cont >= 2")
+    if args.cross_every < 1:
+        ap.error("--cross-every must be at least 1")
     return args
 
 
@@ -303,7 +307,7 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    from ..core.methods.combllama.modules import CombAdapter, CombConfig, install_hooks
+    from ..core.methods.combllama.modules import CombAdapter, CombConfig, default_cross_layers, install_hooks
     from ..core.methods.combllama.weights import save_adapter, weights_fingerprint
     from ..core.prompt import DEFAULT_SYSTEM, memory_prefix_ids
 
@@ -315,7 +319,8 @@ def main(argv=None) -> dict:
     prefix = memory_prefix_ids(tok, DEFAULT_SYSTEM)
     config = CombConfig.for_model(model.config, rank=args.rank, chunk_order=not args.no_chunk_order,
                                   qk_norm=args.qk_norm, encoder=args.encoder, null_slot=args.null_slot,
-                                  positions=args.positions)
+                                  positions=args.positions,
+                                  cross_layers=default_cross_layers(model.config.num_hidden_layers, args.cross_every))
     adapter = CombAdapter.from_base(model, config)
     for p in adapter.parameters():  # fp32 master weights; the frozen copies stay in the base dtype
         p.data = p.data.float()

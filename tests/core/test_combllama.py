@@ -396,3 +396,16 @@ def test_fast_path_reads_the_cross_memory_like_transformers(tiny, long_doc, stor
     engine = Engine(model, memory, [], fast=True)
     assert list(engine.generate(q, opts)) == want
     assert engine.stats.extra["path"].startswith("fast")
+
+
+def test_memory_estimates_follow_the_adapters_cross_layers(tiny, tmp_path):
+    """Disk and count estimates use the adapter's cross layers per decoder layer (1/4 when unknown)."""
+    model = tiny.model
+    path = tmp_path / "every-layer.safetensors"
+    save_adapter(path, _trained_like(model, CombConfig.for_model(model.config, rank=4, cross_layers=(0, 1))),
+                 base_fingerprint=tiny.fingerprint, base_weights=weights_fingerprint(model), base_name=tiny.name,
+                 info={})
+    assert get_method("combllama", {"adapter": str(path)}).memory_tokens(400) == 400
+    assert get_method("combllama", {"adapter": str(path)}, Budget(fraction=0.5)).memory_tokens(400) == 200
+    assert get_method("combllama", {"adapter": "init"}).memory_tokens(400) == 100
+    assert get_method("combllama", {"adapter": str(tmp_path / "missing")}).cross_share() == 0.25

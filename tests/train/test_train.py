@@ -104,7 +104,8 @@ def test_memory_use_check_reads_the_next_samples_memory(shards, tiny):
 
 
 @pytest.mark.parametrize("encoder,extra", [("base", []), ("stack", []), ("base", ["--null-slot"]),
-                                           ("base", ["--null-slot", "--positions", "document"])])
+                                           ("base", ["--null-slot", "--positions", "document"]),
+                                           ("base", ["--cross-every", "1"])])
 def test_smoke_run_writes_a_loadable_adapter(shards, tiny, tiny_dir, tmp_path, encoder, extra):
     out = tmp_path / "run"
     summary = train.main(["--smoke", "--model", str(tiny_dir), "--data", str(shards), "--out", str(out),
@@ -118,7 +119,8 @@ def test_smoke_run_writes_a_loadable_adapter(shards, tiny, tiny_dir, tmp_path, e
     path = out / "tiny.safetensors"
     meta = read_header(path)
     assert meta["base_fingerprint"] == tiny.fingerprint and meta["info"]["step"] == 3
-    assert meta["config"].encoder == encoder and meta["config"].null_slot == bool(extra)
+    assert meta["config"].encoder == encoder and meta["config"].null_slot == ("--null-slot" in extra)
+    assert meta["config"].cross_layers == ((0, 1) if "--cross-every" in extra else (1,))  # a 2-layer model
     assert meta["config"].positions == ("document" if "document" in extra else "chunk")
     adapter = load_adapter(path, tiny.model)
     # The gates moved off zero: the adapter now reads its memory.

@@ -269,8 +269,24 @@ class CombLlama(Method):
         return CombEncoder(self, model, total_tokens)
 
     def memory_tokens(self, total_tokens):
-        # Cross layers sit before every 4th decoder layer: per decoder layer, a quarter of the kept tokens.
-        return max(1, int(total_tokens * self.keep_fraction(total_tokens) / 4))
+        # Per decoder layer, the kept tokens times the adapter's cross layers per decoder layer.
+        return max(1, int(total_tokens * self.keep_fraction(total_tokens) * self.cross_share()))
+
+    def cross_share(self) -> float:
+        """Cross layers per decoder layer of the adapter this method reads, for estimates made before a model
+        is loaded: for "auto" the largest among the shipped adapters; 1/4 (every 4th layer) when unknown."""
+        from .weights import read_header
+
+        spec = self.options.adapter
+        paths = shipped_adapters() if spec == "auto" else [] if spec == "init" else [Path(spec).expanduser()]
+        shares = []
+        for path in paths:
+            try:
+                c = read_header(path)["config"]
+            except (BadInputError, OSError):  # an upstream checkpoint directory, a missing file: the default
+                continue
+            shares.append(len(c.cross_layers) / c.n_layers)
+        return max(shares, default=0.25)
 
     def fixed_bytes(self, manifest):
         """The prompt prefix's KV cache ("pk", "pv": every layer) that each memory carries once."""
