@@ -3,10 +3,10 @@ in a CUDA graph.
 
 It reuses the model's own modules (projections, norms, MLP, rotary embedding) and replaces only the
 cache and attention plumbing: the memory part goes through one fused kernel (fast/attention.py), the
-turn's own tokens through a small masked part, merged exactly by log-sum-exp. What a memory adds before each layer
-(KVMemory.pre_layer: CombLlama's cross blocks over its fixed cross memory) runs inside the same step.
-A decode step then has fixed shapes and addresses, so one graph replay per token removes the launch overhead that dominates
-plain transformers at batch 1. Knows nothing of files, text or sampling.
+turn's own tokens through a small masked part, merged exactly by log-sum-exp. What a memory adds before
+each layer (KVMemory.pre_layer: CombLlama's cross blocks over its fixed cross memory) runs inside the same
+step. A decode step then has fixed shapes and addresses, so one graph replay per token removes the launch
+overhead that dominates plain transformers at batch 1. Knows nothing of files, text or sampling.
 """
 from __future__ import annotations
 
@@ -294,8 +294,8 @@ def warm_up(model, tokens: int = 16) -> None:
 
 
 def fast_decoder(model, memory, capacity: int, *, use_graph: bool | None = None) -> FastDecoder:
-    """The decoder serving `memory` (a KVMemory of equal-length layers) with room for `capacity` turn tokens, kept on the
-    memory's cache so that every Engine over the same memory shares its buffers and captured graph."""
+    """The decoder serving `memory` (a KVMemory of equal-length layers) with room for `capacity` turn tokens,
+    kept on the memory's cache so that every Engine over the same memory shares its buffers and captured graph."""
     from .static_cache import StaticKV
 
     cache = memory.cache

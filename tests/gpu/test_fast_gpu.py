@@ -192,7 +192,8 @@ def test_combllama_cross_blocks_run_inside_the_graph_like_transformers(model32):
 
     def memory():
         prefix = memory_of(model32, list(range(40)))
-        cross = CrossInput(adapter, [k.transpose(0, 1)[None] for k, _ in kv], [v.transpose(0, 1)[None] for _, v in kv])
+        cross = CrossInput(adapter, [k.transpose(0, 1)[None] for k, _ in kv],
+                           [v.transpose(0, 1)[None] for _, v in kv])
         prefix.cache.attention_kwargs = {KWARG: cross}
         return CombMemory(prefix.cache, 40, list(prefix.lengths), [], cross)
 
@@ -202,7 +203,8 @@ def test_combllama_cross_blocks_run_inside_the_graph_like_transformers(model32):
         ref = [prefill(model32, q, plain_mem.cache, 40).float()]
         ref += [prefill(model32, [t], plain_mem.cache, 40 + len(q) + i).float() for i, t in enumerate(answer)]
         dec = fast_decoder(model32, fast_mem, len(q) + len(answer), use_graph=True)
-        got = [dec.prefill(q, 40).float()] + [dec.step(t, 40 + len(q) + i).float().clone() for i, t in enumerate(answer)]
+        got = [dec.prefill(q, 40).float()]
+        got += [dec.step(t, 40 + len(q) + i).float().clone() for i, t in enumerate(answer)]
         dec.static.reset()
     assert dec._graph is not None
     assert max(rel(a, b) for a, b in zip(got, ref)) < 1e-4
