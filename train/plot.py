@@ -1,8 +1,9 @@
 """The training curve of train.py runs: KL to the full-context teacher and the student's and teacher's
 next-token loss per step, from train_log.csv, as a PNG (dashed: the KL when every sample reads another
-sample's memory, where the log has it; the gap between the two is what the memory is used for). Several logs (a run and its --init continuations)
-are drawn one after another on a cumulative step axis, each with its label and a dashed line where it starts;
-the logged points (one batch each, noisy) are drawn faintly under a rolling mean of --smooth points.
+sample's memory, where the log has it; the gap between the two is what the memory is used for). Several logs
+(a run and its --init continuations) are drawn one after another on a cumulative step axis, each with its label
+and a dashed line where it starts; the logged points (one batch each, noisy) are drawn faintly under a rolling
+mean of --smooth points.
 
     python -m combllama.train.plot RUN/train_log.csv train/results/curve.png
     python -m combllama.train.plot run-1/train_log.csv run-2a/train_log.csv run-2b/train_log.csv curve.png
