@@ -137,7 +137,8 @@ class SessionHistory:
         from .memory.store import MemoryStore
         from .prompt import DEFAULT_SYSTEM
 
-        self.loaded, self.root, self.method, self.policy, self.session = loaded, Path(root), method, policy, session
+        self.loaded, self.root, self.policy, self.session = loaded, Path(root), policy, session
+        self.method = method.folding()
         self.count_tokens = count_tokens
         self.store = MemoryStore(self.root)
         # The folded turns take no positions, so the window need only hold the prompt prefix and recent turns.

@@ -2,11 +2,15 @@
 next-token loss, bf16 on CUDA, DDP under torchrun (1 or N GPUs, the same script), CPU in --smoke mode.
 
 One sample: a window of prepare.py's tokens split into a context of C tokens and a continuation y of T.
-  teacher (frozen base, no grad): [prompt prefix][context][y]            → logits over y
-  student (base + adapter):       [prompt prefix][y], cross memory = encoder(context chunks) → logits over y
+  teacher (frozen base, no grad): [prompt prefix][context][y]                      → logits over y[1:]
+  student (base + adapter):       [prompt prefix][last W of context] as a plain KV cache, then [y] reading
+                                  cross memory = encoder(the context's other chunks)     → logits over y[1:]
 The prompt prefix is core.prompt's memory prefix (chat template + system text), so the student sees
-exactly what `combllama.core.methods.combllama` attaches: the prefix as a KV cache, the document as cross
-memory, the text after it at positions following the prefix. Context chunks have random lengths
+exactly what `combllama.core.methods.combllama` attaches: the prefix and the document's recent tail (the
+`recent` option) as a KV cache the base model wrote alone, the rest of the document as cross memory, the text
+after it at positions following the cache. W is 0 for a batch with probability --recent-zero, else uniform
+in [16, --recent-max] (0 when --recent-max is 0). y[0] is input only, as the first token after an attached
+memory is. Context chunks have random lengths
 (packed, variable-length encoder batches); with probability --copy-frac y repeats a span of the context
 (exact retrieval through the memory is what the reference model lacked).
 
@@ -54,6 +58,9 @@ def parse(argv=None):
     ap.add_argument("--chunk-min", type=int, default=128)
     ap.add_argument("--chunk-max", type=int, default=512)
     ap.add_argument("--copy-frac", type=float, default=0.2)
+    ap.add_argument("--recent-max", type=int, default=0, metavar="W",
+                    help="largest recent tail (context tokens kept as a plain KV cache, not cross memory)")
+    ap.add_argument("--recent-zero", type=float, default=0.25, help="share of batches without a recent tail")
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--init", default=None, metavar="PATH",
                     help="start from this adapter file (weights.py save_adapter; same config and base model)")
@@ -83,10 +90,15 @@ def parse(argv=None):
         args.batch, args.context, args.cont = 2, 96, 24
         args.chunk_min, args.chunk_max, args.warmup, args.log_every, args.ckpt_every = 16, 48, 1, 1, 2
         args.rank = min(args.rank, 4)
+        args.recent_max = min(args.recent_max, 32)
     if not 16 <= args.chunk_min <= args.chunk_max or args.context < args.chunk_min or args.cont < 2:
         ap.error("need 16 <= chunk-min <= chunk-max, context >= chunk-min, cont >= 2")
     if args.cross_every < 1:
         ap.error("--cross-every must be at least 1")
+    if args.recent_max and not 16 <= args.recent_max <= args.context - args.chunk_min:
+        ap.error("--recent-max must be 0 or in [16, context - chunk-min]")
+    if not 0 <= args.recent_zero <= 1:
+        ap.error("--recent-zero must be in [0, 1]")
     return args
 
 
@@ -140,25 +152,33 @@ def tiny_random_model(device):
 
 class Student(nn.Module):
     """The trainable adapter (registered) around the frozen base model (not registered: DDP never
-    broadcasts or reduces it). forward(ids, cu_seqlens, chunk_index, dec_ids) → logits over the last T."""
+    broadcasts or reduces it). forward(ids, cu_seqlens, chunk_index, head, dec_ids) → logits [B, T-1, V], one
+    after each decoder id."""
 
     def __init__(self, adapter, base):
         super().__init__()
         self.adapter = adapter
         object.__setattr__(self, "base", base)
 
-    def forward(self, ids, cu_seqlens, chunk_index, dec_ids, n_keep: int, shift: int = 0, after=None):
-        """`shift` k gives sample b the memory of sample b+k (the memory-use check: another text's memory);
-        `after` [chunks] long: the context tokens after each chunk (read by positions="document")."""
+    def forward(self, ids, cu_seqlens, chunk_index, head, dec_ids, shift: int = 0, after=None):
+        """`head` [B, P+W]: the prompt prefix and recent tail, read by the base model alone into a KV cache (as
+        attach gets it); `dec_ids` [B, T] read it and the cross memory of the packed chunks `ids`. `shift` k
+        gives sample b the memory of sample b+k (the memory-use check: another text's memory); `after` [chunks]
+        long: the context tokens after each chunk (read by positions="document")."""
+        from transformers import DynamicCache
+
         from ..core.methods.combllama.modules import KWARG, CrossInput
 
-        B = dec_ids.shape[0]
+        B, H = head.shape
+        with torch.no_grad():
+            cache = DynamicCache()
+            self.base.model(input_ids=head, past_key_values=cache, use_cache=True)
         kv = self.adapter.encode(self.base, ids, cu_seqlens, chunk_index, after)  # X × (K, V) [B*C, Hkv, D]
         keys = [k.view(B, -1, *k.shape[1:]).transpose(1, 2).roll(-shift, 0) for k, _ in kv]  # [B, Hkv, C, D]
         values = [v.view(B, -1, *v.shape[1:]).transpose(1, 2).roll(-shift, 0) for _, v in kv]
-        pos = torch.arange(dec_ids.shape[1], device=dec_ids.device)[None].expand(B, -1)
-        out = self.base(input_ids=dec_ids, position_ids=pos, use_cache=False, logits_to_keep=n_keep,
-                        **{KWARG: CrossInput(self.adapter, keys, values)})
+        pos = torch.arange(H, H + dec_ids.shape[1], device=dec_ids.device)[None].expand(B, -1)
+        out = self.base(input_ids=dec_ids, position_ids=pos, past_key_values=cache, use_cache=True,
+                        logits_to_keep=dec_ids.shape[1], **{KWARG: CrossInput(self.adapter, keys, values)})
         return out.logits
 
 
@@ -200,10 +220,12 @@ def chunk_lengths(rng: random.Random, total: int, lo: int, hi: int) -> list[int]
 
 
 def make_batch(shards: Shards, rng: random.Random, args, prefix: list[int], device):
-    """Teacher ids [B, P+C+T-1], student decoder ids [B, P+T-1], packed encoder ids [B*C] with cu_seqlens
-    int32 [chunks+1], chunk_index [B*C] and after [chunks] (the context tokens after each chunk), targets [B, T]."""
+    """Teacher ids [B, P+C+T-1], the student's head [B, P+W] (prefix + the context's last W tokens) and
+    decoder ids [B, T-1], packed encoder ids [B*(C-W)] (the rest of the context) with cu_seqlens int32
+    [chunks+1], chunk_index [B*(C-W)] and after [chunks] (the memory tokens after each chunk), targets [B, T-1]."""
     C, T = args.context, args.cont
-    teach, dec, enc, cu, index, after, targets = [], [], [], [0], [], [], []
+    W = 0 if not args.recent_max or rng.random() < args.recent_zero else rng.randint(16, args.recent_max)
+    teach, head, dec, enc, cu, index, after, targets = [], [], [], [], [0], [], [], []
     for _ in range(args.batch):
         if rng.random() < args.copy_frac:
             ctx = shards.window(rng, C)
@@ -213,17 +235,18 @@ def make_batch(shards: Shards, rng: random.Random, args, prefix: list[int], devi
             w = shards.window(rng, C + T)
             ctx, y = w[:C], w[C:]
         teach.append(prefix + ctx + y[:-1])
-        dec.append(prefix + y[:-1])
-        targets.append(y)
-        enc += ctx
+        head.append(prefix + ctx[C - W:])
+        dec.append(y[:-1])
+        targets.append(y[1:])
+        enc += ctx[:C - W]
         end = 0
-        for i, n in enumerate(chunk_lengths(rng, C, args.chunk_min, args.chunk_max)):
+        for i, n in enumerate(chunk_lengths(rng, C - W, args.chunk_min, args.chunk_max)):
             cu.append(cu[-1] + n)
             index += [i] * n
             end += n
-            after.append(C - end)
+            after.append(C - W - end)
     t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
-    return t(teach), t(dec), t(enc), t(cu, torch.int32), t(index), t(after), t(targets)
+    return t(teach), t(head), t(dec), t(enc), t(cu, torch.int32), t(index), t(after), t(targets)
 
 
 # --- loss ----------------------------------------------------------------------------------------------------
@@ -374,11 +397,11 @@ def main(argv=None) -> dict:
             break
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * lr_at(step, args, elapsed)
-        teach, dec, enc, cu, index, after, y = make_batch(shards, rng, args, prefix, device)
+        teach, head, dec, enc, cu, index, after, y = make_batch(shards, rng, args, prefix, device)
         with torch.no_grad(), amp:
-            teacher = model(input_ids=teach, use_cache=False, logits_to_keep=args.cont).logits
+            teacher = model(input_ids=teach, use_cache=False, logits_to_keep=args.cont - 1).logits
         with amp:
-            logits = net(enc, cu, index if config.chunk_order else None, dec, args.cont, after=after)
+            logits = net(enc, cu, index if config.chunk_order else None, head, dec, after=after)
         kl, ce, tce = losses(logits, teacher, y, args.temperature)
         loss = args.kl_weight * kl + args.ce_weight * ce
         opt.zero_grad(set_to_none=True)
@@ -392,7 +415,7 @@ def main(argv=None) -> dict:
             ga = torch.stack([torch.tanh(b.attn_gate.detach()).abs() for b in adapter.cross]).mean().item()
             gm = torch.stack([torch.tanh(b.mlp_gate.detach()).abs() for b in adapter.cross]).mean().item()
             with torch.no_grad(), amp:  # the same batch read through another sample's memory
-                other = losses(student(enc, cu, index if config.chunk_order else None, dec, args.cont, shift=1,
+                other = losses(student(enc, cu, index if config.chunk_order else None, head, dec, shift=1,
                                        after=after),
                                teacher, y, args.temperature)[0].item() if args.batch > 1 else float("nan")
             last = dict(step=step, seconds=round(secs, 2), lr=opt.param_groups[0]["lr"], loss=loss.item(),

@@ -120,6 +120,11 @@ class Method:
         self.options = options if options is not None else self.Options()
         self.budget = budget
 
+    def folding(self) -> "Method":
+        """The method a long chat folds its old turns with (core/history.py): this one, unless what suits a
+        document does not suit turns that must free their positions."""
+        return self
+
     def params(self) -> dict:
         """Everything that shapes the memory's contents (stored in the manifest, part of the content key)."""
         return {**self.options.to_json(), "budget": self.budget.to_json() if self.budget else None}

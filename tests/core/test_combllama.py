@@ -351,8 +351,8 @@ def test_ingest_gives_each_chunk_the_tokens_after_it(tiny, long_doc, store, tmp_
         assert not torch.allclose(k_doc[:, :, :-last], k_chunk[:, :, :-last], atol=1e-3)
 
 
-@pytest.mark.parametrize("null_slot", [False, True])
-def test_fast_path_reads_the_cross_memory_like_transformers(tiny, long_doc, store, tmp_path, null_slot):
+@pytest.mark.parametrize("null_slot,recent", [(False, 0), (True, 0), (True, 100)])
+def test_fast_path_reads_the_cross_memory_like_transformers(tiny, long_doc, store, tmp_path, null_slot, recent):
     """core/fast runs the cross blocks through KVMemory.pre_layer: the same logits and greedy answer as
     transformers' forward with the decoder hooks, and the memory visibly changes them."""
     from combllama.core.fast.decode import fast_decoder
@@ -366,7 +366,7 @@ def test_fast_path_reads_the_cross_memory_like_transformers(tiny, long_doc, stor
     path = tmp_path / "gated.safetensors"
     save_adapter(path, adapter, base_fingerprint=tiny.fingerprint, base_weights=weights_fingerprint(model),
                  base_name=tiny.name, info={})
-    _, memory = _ingest(tiny, long_doc, store, "fast", {"adapter": str(path)})
+    _, memory = _ingest(tiny, long_doc, store, "fast", {"adapter": str(path), "recent": recent})
     assert memory.pre_layer() is not None and uniform_length(memory) == memory.logical_length
     q = turn_ids(tiny.tokenizer, "Which lantern hangs in room 3?")
     pos, phys = memory.logical_length, memory.lengths[0]
@@ -409,3 +409,87 @@ def test_memory_estimates_follow_the_adapters_cross_layers(tiny, tmp_path):
     assert get_method("combllama", {"adapter": str(path)}, Budget(fraction=0.5)).memory_tokens(400) == 200
     assert get_method("combllama", {"adapter": "init"}).memory_tokens(400) == 100
     assert get_method("combllama", {"adapter": str(tmp_path / "missing")}).cross_share() == 0.25
+
+
+def test_recent_tail_is_truncates_cache_and_the_rest_is_cross_memory(tiny, long_doc, store):
+    """`recent`: the document's last tokens are the KV cache `truncate` keeps (the base model reads them alone,
+    after the prefix), the rest cross memory; with zero gates the answer is truncate's exactly."""
+    reader, memory = _ingest(tiny, long_doc, store, "tail", {"adapter": "init", "recent": 150})
+    _, trunc = _ingest_method(tiny, long_doc, store, "truncate", Budget(tokens=150))
+    P = reader.manifest["prompt"]["prefix_tokens"]
+    n_doc = reader.manifest["source"]["doc_tokens"]
+    assert memory.prefix == P and memory.logical_length == P + 150 == trunc.logical_length
+    assert memory.lengths == trunc.lengths
+    for a, b in zip(memory.cache.layers, trunc.cache.layers):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)
+    L, H, D = tiny.kv_shape
+    X = len(memory.cross.keys)
+    assert all(k.shape == (1, H, n_doc - 150, D) for k in memory.cross.keys)
+    assert memory.kv_entries() == L * H * (P + 150) + X * H * (n_doc - 150)
+    # The tail spans chunks: each stores its own part of it.
+    parts = [c["tensors"]["rk"][1][2] for c in reader.manifest["chunks"] if "rk" in c["tensors"]]
+    assert len(parts) >= 2 and sum(parts) == 150
+    q = turn_ids(tiny.tokenizer, "Which lantern hangs in room 3?")
+    opts = GenerateOptions(max_new_tokens=6)
+    assert list(Engine(tiny.model, memory, tiny.eos_ids).generate(q, opts)) == \
+        list(Engine(tiny.model, trunc, tiny.eos_ids).generate(q, opts))
+
+
+def _ingest_method(tiny, doc, store, name, budget):
+    result = ingest(tiny, doc, get_method(name, None, budget), store, name=name, config=EncodeConfig(chunk_tokens=128))
+    reader = store.open(result.name)
+    return reader, from_manifest(reader.manifest).attach(tiny.model, reader.manifest, reader.chunks())
+
+
+def test_recent_tail_resumes_mid_tail_like_an_uninterrupted_ingest(tiny, long_doc, store):
+    from combllama.core.errors import InterruptedError_
+
+    method = get_method("combllama", {"adapter": "init", "recent": 300})
+    config = EncodeConfig(chunk_tokens=128, commit_every=1)
+    ingest(tiny, long_doc, method, store, name="whole", config=config)
+    n_chunks = len(store.open("whole").manifest["chunks"])
+    calls = iter(range(10 ** 6))
+    with pytest.raises(InterruptedError_):  # stops with the tail's first chunks committed, its last not
+        ingest(tiny, long_doc, method, store, name="cut", config=config,
+               should_stop=lambda: next(calls) == n_chunks - 1)
+    ingest(tiny, long_doc, method, store, name="cut", config=config, resume=True)
+    whole, cut = store.open("whole"), store.open("cut")
+    assert any("rk" in t for _, t in cut.chunks())
+    for (_, a), (_, b) in zip(whole.chunks(), cut.chunks()):
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k])
+
+
+def test_concat_lays_the_tails_one_after_another(tiny, long_doc, store):
+    """Two memories with tails read together: the prefix once, then each tail re-rotated to follow the one
+    before it, exactly where one cache holding both tails would put them."""
+    from combllama.core.methods.kvcompose import rerotate
+
+    _, a = _ingest(tiny, long_doc, store, "a", {"adapter": "init", "recent": 40})
+    _, b = _ingest(tiny, long_doc, store, "b", {"adapter": "init", "recent": 24})
+    both = type(a).concat([a, b])
+    P = a.prefix
+    assert both.logical_length == P + 40 + 24 and both.lengths == [P + 64] * len(both.lengths)
+    for lay, la, lb in zip(both.cache.layers, a.cache.layers, b.cache.layers):
+        torch.testing.assert_close(lay.keys[:, :, :P + 40], la.keys)
+        torch.testing.assert_close(lay.values[:, :, P + 40:], lb.values[:, :, P:])
+        torch.testing.assert_close(lay.keys[:, :, P + 40:], rerotate(lb.keys[:, :, P:], 40, a.rotary))
+    assert both.cross.keys[0].shape[2] == a.cross.keys[0].shape[2] + b.cross.keys[0].shape[2]
+    q = turn_ids(tiny.tokenizer, "Which lantern?")
+    assert len(list(Engine(tiny.model, both, tiny.eos_ids).generate(q, GenerateOptions(max_new_tokens=3)))) <= 3
+
+
+def test_recent_is_validated_and_history_folds_without_it():
+    from combllama.core.errors import BadInputError
+
+    for bad in (-1, 1.5, True, "64"):
+        with pytest.raises(BadInputError):
+            get_method("combllama", {"recent": bad})
+    method = get_method("combllama", {"recent": 256}, Budget(fraction=0.5))
+    fold = method.folding()
+    assert fold.options.recent == 0 and fold.budget == method.budget and fold.options.adapter == method.options.adapter
+    plain = get_method("combllama")
+    assert plain.folding() is plain
+    assert method.memory_tokens(1000) == 256 + int(744 * 0.5 * method.cross_share())

@@ -63,49 +63,62 @@ def test_chunk_lengths_cover_the_context():
         assert sum(lens) == total and all(1 <= n <= 48 for n in lens)
 
 
-def test_teacher_and_student_predict_the_same_tokens(shards, tiny):
-    args = train.parse(["--smoke", "--data", str(shards)])
+@pytest.mark.parametrize("recent", [0, 32])
+def test_teacher_and_student_predict_the_same_tokens(shards, tiny, recent):
+    args = train.parse(["--smoke", "--data", str(shards), "--recent-max", str(recent), "--recent-zero", "0"])
     args.copy_frac = 0.0
     data = train.Shards(shards, tiny.model.config.vocab_size)
     prefix = [1, 2, 3]
-    teach, dec, enc, cu, index, after, y = train.make_batch(data, random.Random(0), args, prefix, torch.device("cpu"))
+    teach, head, dec, enc, cu, index, after, y = train.make_batch(data, random.Random(0), args, prefix,
+                                                                  torch.device("cpu"))
     B, C, T = args.batch, args.context, args.cont
-    assert teach.shape == (B, 3 + C + T - 1) and dec.shape == (B, 3 + T - 1) and y.shape == (B, T)
-    assert enc.shape == (B * C,) and int(cu[-1]) == B * C and index.shape == enc.shape
+    W = head.shape[1] - 3
+    assert (W == 0) == (recent == 0) and 0 <= W <= recent
+    M = C - W  # context tokens in the cross memory
+    assert teach.shape == (B, 3 + C + T - 1) and dec.shape == (B, T - 1) and y.shape == (B, T - 1)
+    assert enc.shape == (B * M,) and int(cu[-1]) == B * M and index.shape == enc.shape
     for b in range(B):
-        # Both end with y[:-1] after their prefix (+ context): the last T logits predict y.
-        assert teach[b, -(T - 1):].tolist() == y[b, :-1].tolist() == dec[b, 3:].tolist()
-        assert teach[b, 3:3 + C].tolist() == enc[b * C:(b + 1) * C].tolist()
-    # after: the context tokens that follow each chunk in its sample (0 for a sample's last chunk)
+        # Teacher and student both read y[:-1] after the prefix and the context; the last T-1 logits predict y[1:].
+        assert teach[b, -(T - 1):].tolist() == dec[b].tolist()
+        assert teach[b, -(T - 2):].tolist() == y[b, :-1].tolist()
+        assert head[b, :3].tolist() == prefix
+        # The context: its first M tokens are cross memory, its last W the head's recent tail.
+        assert teach[b, 3:3 + M].tolist() == enc[b * M:(b + 1) * M].tolist()
+        assert teach[b, 3 + M:3 + C].tolist() == head[b, 3:].tolist()
+    # after: the memory tokens that follow each chunk in its sample (0 for a sample's last chunk)
     ends = [int(c) for c in cu[1:]]
-    assert after.tolist() == [-e % C for e in ends]
+    assert after.tolist() == [-e % M for e in ends]
 
 
-def test_memory_use_check_reads_the_next_samples_memory(shards, tiny):
+@pytest.mark.parametrize("recent", [0, 32])
+def test_memory_use_check_reads_the_next_samples_memory(shards, tiny, recent):
     """Student(shift=1) gives sample b exactly what sample b+1's memory gives it."""
     from combllama.core.methods.combllama.modules import CombAdapter, CombConfig, install_hooks
 
-    args = train.parse(["--smoke", "--data", str(shards)])
+    args = train.parse(["--smoke", "--data", str(shards), "--recent-max", str(recent), "--recent-zero", "0"])
     data = train.Shards(shards, tiny.model.config.vocab_size)
-    teach, dec, enc, cu, index, after, y = train.make_batch(data, random.Random(0), args, [1, 2], torch.device("cpu"))
+    teach, head, dec, enc, cu, index, after, y = train.make_batch(data, random.Random(0), args, [1, 2],
+                                                                  torch.device("cpu"))
     adapter = CombAdapter.from_base(tiny.model, CombConfig.for_model(tiny.model.config, rank=2, encoder="base"))
     for block in adapter.cross:
         block.attn_gate.data.fill_(0.5)
     install_hooks(tiny.model)
     student = train.Student(adapter, tiny.model).eval()
-    C = args.context
-    cu1 = torch.tensor([int(c) - C for c in cu if C <= int(c) <= 2 * C], dtype=torch.int32)  # sample 1's chunks
+    M = args.context - (head.shape[1] - 2)
+    cu1 = torch.tensor([int(c) - M for c in cu if M <= int(c) <= 2 * M], dtype=torch.int32)  # sample 1's chunks
     with torch.no_grad():
-        shifted = student(enc, cu, index, dec, args.cont, shift=1)
-        own = student(enc, cu, index, dec, args.cont)
-        other = student(enc[C:2 * C], cu1, index[C:2 * C], dec[:1], args.cont)  # sample 0 reading sample 1's memory
+        shifted = student(enc, cu, index, head, dec, shift=1)
+        own = student(enc, cu, index, head, dec)
+        other = student(enc[M:2 * M], cu1, index[M:2 * M], head[:1], dec[:1])  # sample 0 reading sample 1's memory
+    assert shifted.shape == (args.batch, args.cont - 1, tiny.model.config.vocab_size)
     torch.testing.assert_close(shifted[0], other[0], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(shifted[0], own[0], atol=1e-4)
 
 
 @pytest.mark.parametrize("encoder,extra", [("base", []), ("stack", []), ("base", ["--null-slot"]),
                                            ("base", ["--null-slot", "--positions", "document"]),
-                                           ("base", ["--cross-every", "1"])])
+                                           ("base", ["--cross-every", "1"]),
+                                           ("base", ["--recent-max", "32", "--recent-zero", "0.5"])])
 def test_smoke_run_writes_a_loadable_adapter(shards, tiny, tiny_dir, tmp_path, encoder, extra):
     out = tmp_path / "run"
     summary = train.main(["--smoke", "--model", str(tiny_dir), "--data", str(shards), "--out", str(out),

@@ -2,24 +2,27 @@
 blocks placed before every 4th layer of the frozen base model (COMB, arXiv 2602.01519; mission.md §3).
 
 encode: the prompt prefix (chat template + system text) is prefilled through the base model as an ordinary
-KV cache; every document chunk goes through the encoder alone, independent of the other chunks, with a
-chunk-index embedding. The adapter's config says which encoder (modules.py): "base", the frozen model's own
-K/V of the chunk at each cross layer (the shipped SmolLM2 adapter), or "stack", bidirectional copies of the
-cross layers on the embeddings (older adapters, upstream checkpoints). With a --budget below 1 each cross
+KV cache; so is the document's recent tail (its last `recent` tokens, at the positions after the prefix; the
+base model reads them alone, as `truncate` would keep them); every other document token goes through the
+encoder, chunk by chunk, independent of the other chunks, with a chunk-index embedding. The adapter's config
+says which encoder (modules.py): "base", the frozen model's own K/V of the chunk at each cross layer (the
+shipped SmolLM2 adapter), or "stack", bidirectional copies of the cross layers on the embeddings (older
+adapters, upstream checkpoints). With a --budget below 1 each cross
 layer keeps fewer tokens: KVCompose's composite-token selection (kvcompose.select_tokens) over scores from a
 probe in which the base model re-reads the chunk through its cross blocks (the KVzip-like "repeat" probe, on
 cross instead of self attention).
 
 Stored per chunk: "k.i", "v.i" [kv_heads, tokens_i, head_dim] for cross layer i (keys after k_norm; "base":
-rotated), the adapter's sha256 "adapter" uint8 [32], and on the chunk where the prefix ends "pk", "pv" [layers,
-kv_heads, prefix, head_dim]. attach: a KV cache of the prefix (positions continue after it: the document takes no
-positions) carrying the cross memory as the forward keyword the decoder hooks read.
+rotated), the adapter's sha256 "adapter" uint8 [32], on the chunk where the prefix ends "pk", "pv" [layers,
+kv_heads, prefix, head_dim], and on every chunk holding tail tokens "rk", "rv" [layers, kv_heads, its tail tokens,
+head_dim]. attach: a KV cache of the prefix and the tail (positions continue after it: the rest of the document
+takes no positions) carrying the cross memory as the forward keyword the decoder hooks read.
 """
 from __future__ import annotations
 
 import hashlib
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ...errors import BadInputError, CorruptMemoryError, IncompatibleMemoryError
@@ -27,6 +30,7 @@ from ..base import FLOATS, Encoder, KVMemory, Method, Options, layer_kv, make_ca
 
 ADAPTERS = Path(__file__).resolve().parent / "adapters"  # shipped adapters, matched by base model
 _AGGS = ("max", "mean")
+_CACHED = ("pk", "pv", "rk", "rv")  # tensors of the ordinary KV cache: the prompt prefix and the recent tail
 _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model → {spec: (adapter, digest)}
 
 
@@ -35,11 +39,14 @@ class CombLlamaOptions(Options):
     """`adapter`: "auto" (the shipped adapter trained for this model, else the untrained initialisation),
     "init" (untrained: zero gates, the model ignores the memory), a path to an adapter .safetensors file,
     or a directory holding an upstream CombLlama checkpoint. `chunk_order` False gives every chunk index 0
-    (a control for the order signal). `probe_agg` aggregates probe scores over queries when pruning."""
+    (a control for the order signal). `probe_agg` aggregates probe scores over queries when pruning. `recent`:
+    the document's last tokens kept as an ordinary KV cache after the prompt prefix instead of cross memory (the
+    text a continuation or a question reads first; --budget does not prune them)."""
 
     adapter: str = "auto"
     chunk_order: bool = True
     probe_agg: str = "max"
+    recent: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.adapter, str) or not self.adapter:
@@ -48,6 +55,8 @@ class CombLlamaOptions(Options):
             raise BadInputError("combllama chunk_order must be true or false")
         if self.probe_agg not in _AGGS:
             raise BadInputError(f"combllama probe_agg must be one of {', '.join(_AGGS)}, not {self.probe_agg!r}")
+        if isinstance(self.recent, bool) or not isinstance(self.recent, int) or self.recent < 0:
+            raise BadInputError(f"combllama recent must be a token count >= 0, not {self.recent!r}")
 
 
 def shipped_adapters() -> list[Path]:
@@ -106,9 +115,12 @@ def _header_weights(path, read_header) -> str | None:
 
 @dataclass
 class CombMemory(KVMemory):
-    """The prefix KV cache plus the cross memory it carries (`cache.attention_kwargs`)."""
+    """The KV cache of the prefix and the recent tail (`logical_length - prefix` tokens, at the positions after
+    the prefix) plus the cross memory it carries (`cache.attention_kwargs`)."""
 
     cross: object = None  # modules.CrossInput | None (a memory without document tokens)
+    prefix: int = 0  # prompt prefix tokens at the start of the cache
+    rotary: object = None  # the model's rotary embedding (concat re-rotates the tails)
 
     def pre_layer(self):
         if self.cross is None or self.cross.masks:
@@ -124,16 +136,30 @@ class CombMemory(KVMemory):
     @classmethod
     def concat(cls, memories: list["CombMemory"]) -> "CombMemory":
         """One memory reading the cross memories of all `memories` (in order) side by side, after the prompt
-        prefix cache of the first (every memory starts with the same framing). Cross memory has no positions:
-        nothing is re-rotated, and the window holds the prefix once. The parts stay unchanged."""
+        prefix cache of the first (every memory starts with the same framing) and the recent tails of all, in
+        order. Cross memory has no positions; each tail is re-rotated to follow the tails before it, and the
+        window holds the prefix once. The parts stay unchanged."""
         import torch
 
+        from ..kvcompose import rerotate
         from .modules import KWARG, CrossInput
 
         first = memories[0]
         L = len(first.cache.layers)
         kv = [layer_kv(first.cache, i) for i in range(L)]
-        cache = make_cache([(k[:, :, :n], v[:, :, :n]) for (k, v), n in zip(kv, first.lengths)])  # same tensors
+        parts = [[(k[:, :, :n], v[:, :, :n])] for (k, v), n in zip(kv, first.lengths)]  # the same tensors
+        shift = first.logical_length - first.prefix
+        for m in memories[1:]:
+            tail = m.logical_length - m.prefix
+            if not tail:
+                continue
+            for i in range(L):
+                k, v = layer_kv(m.cache, i)
+                k, v = k[:, :, m.prefix:m.prefix + tail], v[:, :, m.prefix:m.prefix + tail]
+                parts[i].append((rerotate(k, shift, m.rotary), v))
+            shift += tail
+        cache = make_cache([(torch.cat([k for k, _ in p], 2), torch.cat([v for _, v in p], 2)) if len(p) > 1
+                            else p[0] for p in parts])
         crosses = [m.cross for m in memories if m.cross is not None]
         cross = None
         if crosses:
@@ -145,7 +171,8 @@ class CombMemory(KVMemory):
             cross = CrossInput(adapter, [torch.cat([c.keys[i] for c in crosses], 2) for i in range(X)],
                                [torch.cat([c.values[i] for c in crosses], 2) for i in range(X)])
             cache.attention_kwargs = {KWARG: cross}
-        return cls(cache, first.logical_length, list(first.lengths), [], cross)
+        n = first.prefix + shift
+        return cls(cache, n, [n] * L, [], cross, first.prefix, first.rotary)
 
 
 def probe_scores(adapter, model, ids, keys, values, agg: str):
@@ -173,6 +200,9 @@ def probe_scores(adapter, model, ids, keys, values, agg: str):
 
 
 class CombEncoder(Encoder):
+    """Chunks in order → their tensors. Holds the prompt prefix's ids and, while the recent tail is being
+    written, the KV cache of the prefix and the tail so far (rebuilt from the committed chunks on resume)."""
+
     def __init__(self, method: "CombLlama", model, total_tokens: int):
         if method.n_prefix is None:
             raise BadInputError("combllama: select() must run before encoding (core.encode.plan_memory does it)")
@@ -182,38 +212,57 @@ class CombEncoder(Encoder):
         self.adapter, self.digest = resolve_adapter(model, method.options.adapter)
         self.keep = method.keep_fraction(total_tokens)
         self.total = total_tokens
+        self.tail_start = total_tokens - method.recent_tokens(total_tokens - self.n_prefix)  # ids index
         self.prefix_ids: list[int] = []
+        self.kv: list[tuple] = []  # per layer (K, V) [1, Hkv, prefix + tail so far, D]: the cache the tail extends
         install_hooks(model)
 
     def _prefix_part(self, chunk) -> int:
         """How many of the chunk's tokens belong to the prompt prefix."""
         return max(0, min(chunk.end, self.n_prefix) - chunk.start)
 
+    def _tail_part(self, chunk) -> int:
+        """How many of the chunk's last tokens belong to the recent tail."""
+        return max(0, chunk.end - max(chunk.start, self.tail_start, self.n_prefix))
+
+    def _extend(self, pairs) -> None:
+        """Append (K, V) [Hkv, n, D] per layer to the cache the tail is prefilled on."""
+        import torch
+
+        model = self.model
+        pairs = [(k[None].to(model.device, model.dtype), v[None].to(model.device, model.dtype)) for k, v in pairs]
+        self.kv = [(torch.cat([a, k], 2), torch.cat([b, v], 2)) for (a, b), (k, v) in zip(self.kv, pairs)] \
+            if self.kv else pairs
+
     def restore(self, chunk, tensors):
         self.prefix_ids += list(chunk.ids[:self._prefix_part(chunk)])
+        if self.tail_start < self.total:
+            for kk, vk in (("pk", "pv"), ("rk", "rv")):
+                if kk in tensors:
+                    self._extend(list(zip(tensors[kk], tensors[vk])))
 
     def encode(self, chunk):
         import torch
 
-        from .modules import KWARG  # noqa: F401  (hooks read it; imported for clarity of the contract)
-
         model, dev, dt = self.model, self.model.device, self.model.dtype
-        p = self._prefix_part(chunk)
+        p, r = self._prefix_part(chunk), self._tail_part(chunk)
         self.prefix_ids += list(chunk.ids[:p])
         out = {"adapter": torch.frombuffer(bytearray(self.digest), dtype=torch.uint8).clone()}
+        n = model.config.num_hidden_layers
         with torch.inference_mode():
             if p and chunk.start + p == self.n_prefix:  # the prefix is complete: its KV cache
                 cache = make_cache([])
                 prefill(model, self.prefix_ids, cache, 0, 0)
-                n = model.config.num_hidden_layers
                 out["pk"] = torch.stack([layer_kv(cache, i)[0][0] for i in range(n)]).cpu()  # [L, Hkv, P, D]
                 out["pv"] = torch.stack([layer_kv(cache, i)[1][0] for i in range(n)]).cpu()
-            doc = list(chunk.ids[p:])
+                if self.tail_start < self.total:
+                    self.kv = [layer_kv(cache, i) for i in range(n)]
+            doc = list(chunk.ids[p:len(chunk.ids) - r])
             if doc:
                 ids = torch.tensor(doc, device=dev)
                 cu = torch.tensor([0, len(doc)], dtype=torch.int32, device=dev)
                 index = torch.full_like(ids, chunk.seq) if self.method.options.chunk_order else None
-                after = torch.tensor([self.total - chunk.end], device=dev)  # the memory tokens after this chunk
+                after = torch.tensor([self.tail_start - chunk.end + r], device=dev)  # memory tokens after this chunk
                 kv = self.adapter.encode(model, ids, cu, index, after)  # X × (K, V) [n, Hkv, D]
                 ks = [k.transpose(0, 1).to(dt) for k, _ in kv]  # [Hkv, n, D]
                 vs = [v.transpose(0, 1).to(dt) for _, v in kv]
@@ -221,6 +270,13 @@ class CombEncoder(Encoder):
                     ks, vs = self._prune(doc, ks, vs)
                 for i, (k, v) in enumerate(zip(ks, vs)):
                     out[f"k.{i}"], out[f"v.{i}"] = k.contiguous().cpu(), v.contiguous().cpu()
+            if r:  # the base model alone reads the tail after the prefix, as `truncate` keeps it
+                m = self.kv[0][0].shape[2]
+                cache = make_cache(self.kv)
+                prefill(model, list(chunk.ids[len(chunk.ids) - r:]), cache, m, m)
+                self.kv = [layer_kv(cache, i) for i in range(n)]
+                out["rk"] = torch.stack([k[0, :, m:] for k, _ in self.kv]).cpu()  # [L, Hkv, r, D]
+                out["rv"] = torch.stack([v[0, :, m:] for _, v in self.kv]).cpu()
         return out
 
     def _prune(self, doc, ks, vs):
@@ -259,9 +315,20 @@ class CombLlama(Method):
             return self.budget.fraction
         return min(1.0, self.budget.tokens / max(1, total_tokens))
 
+    def folding(self):
+        # Folded turns exist to free the window: none of them stays as a positioned tail.
+        if not self.options.recent:
+            return self
+        return type(self)(replace(self.options, recent=0), self.budget)
+
+    def recent_tokens(self, n_doc: int) -> int:
+        """Document tokens kept as the recent tail (an ordinary KV cache after the prompt prefix)."""
+        return min(self.options.recent, n_doc)
+
     def select(self, n_prefix, n_doc, window, reserve):
-        if n_prefix + reserve >= window:
-            raise BadInputError(f"the model's {window}-token window leaves no room for the conversation")
+        if n_prefix + self.recent_tokens(n_doc) + reserve >= window:
+            tail = f" after the {self.options.recent}-token recent tail" if self.options.recent else ""
+            raise BadInputError(f"the model's {window}-token window leaves no room for the conversation{tail}")
         self.n_prefix = n_prefix  # the encoder keeps these tokens as an ordinary KV cache
         return 0, n_doc
 
@@ -269,8 +336,9 @@ class CombLlama(Method):
         return CombEncoder(self, model, total_tokens)
 
     def memory_tokens(self, total_tokens):
-        # Per decoder layer, the kept tokens times the adapter's cross layers per decoder layer.
-        return max(1, int(total_tokens * self.keep_fraction(total_tokens) * self.cross_share()))
+        # Per decoder layer: the recent tail, then the kept tokens times the adapter's cross layers per decoder layer.
+        tail = self.recent_tokens(total_tokens)
+        return tail + max(1, int((total_tokens - tail) * self.keep_fraction(total_tokens) * self.cross_share()))
 
     def cross_share(self) -> float:
         """Cross layers per decoder layer of the adapter this method reads, for estimates made before a model
@@ -289,17 +357,19 @@ class CombLlama(Method):
         return max(shares, default=0.25)
 
     def fixed_bytes(self, manifest):
-        """The prompt prefix's KV cache ("pk", "pv": every layer) that each memory carries once."""
+        """The KV cache of the prompt prefix and the recent tail ("pk", "pv", "rk", "rv": every layer), which
+        each memory carries once and no budget prunes."""
         from math import prod
 
         from ...memory.format import DTYPES
 
         return sum(DTYPES[dtype] * prod(shape) for chunk in manifest.get("chunks", [])
-                   for name, (dtype, shape) in (chunk.get("tensors") or {}).items() if name in ("pk", "pv"))
+                   for name, (dtype, shape) in (chunk.get("tensors") or {}).items() if name in _CACHED)
 
     def spec_problem(self, specs, tokens, geometry):
         """"adapter" uint8 [32]; "pk", "pv" [layers, kv_heads, prefix, head_dim] where the prompt prefix ends;
-        "k.i", "v.i" [kv_heads, kept tokens, head_dim] per cross layer i (fewer than the decoder's layers)."""
+        "rk", "rv" [layers, kv_heads, tail tokens, head_dim] where the recent tail is; "k.i", "v.i" [kv_heads,
+        kept tokens, head_dim] per cross layer i (fewer than the decoder's layers)."""
         L, H, D = geometry
         if specs.get("adapter") != ["U8", [32]]:
             return f"tensor 'adapter' is {specs.get('adapter')}, expected U8 [32]"
@@ -307,8 +377,9 @@ class CombLlama(Method):
             if name == "adapter":
                 continue
             kind, _, index = name.partition(".")
-            if kind in ("pk", "pv") and not index:
+            if kind in _CACHED and not index:
                 ok = len(shape) == 4 and [shape[0], shape[1], shape[3]] == [L, H, D]
+                ok = ok and (kind[0] == "p" or shape[2] <= tokens)  # the prefix may span chunks, a tail part not
             elif kind in ("k", "v") and index.isdigit() and int(index) < L:
                 ok = len(shape) == 3 and shape[1] <= tokens and [shape[0], shape[2]] == [H, D]
             else:
@@ -327,6 +398,8 @@ class CombLlama(Method):
         X = len(adapter.config.cross_layers)
         dev, dt = model.device, model.dtype
         pk = pv = None
+        rk: list = []
+        rv: list = []
         keys: list[list] = [[] for _ in range(X)]
         values: list[list] = [[] for _ in range(X)]
         for record, t in blocks:
@@ -336,6 +409,9 @@ class CombLlama(Method):
                     f"resolves to now; ingest again with --force")
             if "pk" in t:
                 pk, pv = t["pk"], t["pv"]
+            if "rk" in t:
+                rk.append(t["rk"])
+                rv.append(t["rv"])
             for i in range(X):
                 if f"k.{i}" in t:
                     keys[i].append(t[f"k.{i}"])
@@ -345,12 +421,15 @@ class CombLlama(Method):
         L = model.config.num_hidden_layers
         if pk.shape[0] != L:
             raise IncompatibleMemoryError(f"{manifest.get('name')}: {pk.shape[0]} layers, the model has {L}")
-        cache = make_cache([(pk[i][None].to(dev, dt), pv[i][None].to(dev, dt)) for i in range(L)])
         P = pk.shape[2]
+        if rk:
+            pk, pv = torch.cat([pk, *rk], 2), torch.cat([pv, *rv], 2)
+        cache = make_cache([(pk[i][None].to(dev, dt), pv[i][None].to(dev, dt)) for i in range(L)])
+        n = pk.shape[2]
         cross = None
         if keys[0]:
             cross = CrossInput(adapter, [torch.cat(k, 1)[None].to(dev, dt) for k in keys],
                                [torch.cat(v, 1)[None].to(dev, dt) for v in values])
             cache.attention_kwargs = {KWARG: cross}
             install_hooks(model)
-        return CombMemory(cache, P, [P] * L, [], cross)
+        return CombMemory(cache, n, [n] * L, [], cross, P, model.model.rotary_emb)
