@@ -210,7 +210,7 @@ def _ingest(tiny, doc, store, name, params=None, budget=None, chunk_tokens=128):
 
 
 def test_untrained_memory_answers_like_the_bare_prompt(tiny, long_doc, store):
-    reader, memory = _ingest(tiny, long_doc, store, "m", {"adapter": "init"})
+    reader, memory = _ingest(tiny, long_doc, store, "m", {"adapter": "init", "recent": 0})  # all cross memory
     prefix = memory_prefix_ids(tiny.tokenizer)
     assert memory.logical_length == len(prefix) == reader.manifest["prompt"]["prefix_tokens"]
     L, H, D = tiny.kv_shape
@@ -405,9 +405,12 @@ def test_memory_estimates_follow_the_adapters_cross_layers(tiny, tmp_path):
     save_adapter(path, _trained_like(model, CombConfig.for_model(model.config, rank=4, cross_layers=(0, 1))),
                  base_fingerprint=tiny.fingerprint, base_weights=weights_fingerprint(model), base_name=tiny.name,
                  info={})
-    assert get_method("combllama", {"adapter": str(path)}).memory_tokens(400) == 400
-    assert get_method("combllama", {"adapter": str(path)}, Budget(fraction=0.5)).memory_tokens(400) == 200
-    assert get_method("combllama", {"adapter": "init"}).memory_tokens(400) == 100
+    every = {"adapter": str(path), "recent": 0}
+    assert get_method("combllama", every).memory_tokens(400) == 400
+    assert get_method("combllama", every, Budget(fraction=0.5)).memory_tokens(400) == 200
+    assert get_method("combllama", {"adapter": "init", "recent": 0}).memory_tokens(400) == 100
+    # The recent tail takes every layer and no budget prunes it: 100 tail + 300 × 1/4.
+    assert get_method("combllama", {"adapter": "init", "recent": 100}, Budget(fraction=0.5)).memory_tokens(400) == 137
     assert get_method("combllama", {"adapter": str(tmp_path / "missing")}).cross_share() == 0.25
 
 
@@ -490,6 +493,6 @@ def test_recent_is_validated_and_history_folds_without_it():
     method = get_method("combllama", {"recent": 256}, Budget(fraction=0.5))
     fold = method.folding()
     assert fold.options.recent == 0 and fold.budget == method.budget and fold.options.adapter == method.options.adapter
-    plain = get_method("combllama")
+    plain = get_method("combllama", {"recent": 0})
     assert plain.folding() is plain
     assert method.memory_tokens(1000) == 256 + int(744 * 0.5 * method.cross_share())

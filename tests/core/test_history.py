@@ -82,10 +82,13 @@ def test_memories_of_turns_read_together_with_a_document(tiny, tmp_path, long_do
     attached = combine(tiny, parts)
     assert attached.names == ["doc"] + [p[0] for p in parts[1:]] and not attached.apart
     memory = attached.memory
-    assert memory.logical_length == doc_mem.logical_length  # the prompt prefix once; cross takes no positions
+    # The prompt prefix once, then the document's recent tail; folded turns are all cross memory (no positions).
+    assert memory.logical_length == doc_mem.logical_length == doc_mem.prefix + method.options.recent
+    assert all(m.logical_length == m.prefix for _, _, m in parts[1:])
     for i, k in enumerate(memory.cross.keys):
         assert k.shape[2] == sum(m.cross.keys[i].shape[2] for _, _, m in parts)
-    assert doc_mem.cross.keys[0].shape[2] == doc.manifest["source"]["doc_tokens"]  # the parts are unchanged
+    tail = method.options.recent
+    assert doc_mem.cross.keys[0].shape[2] == doc.manifest["source"]["doc_tokens"] - tail  # the parts are unchanged
     # A memory of another kind cannot join: the latest answers alone, and the caller is told.
     ingest(tiny, long_doc, get_method("full"), store, name="plain")
     plain = store.open("plain")

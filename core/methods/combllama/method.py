@@ -46,7 +46,7 @@ class CombLlamaOptions(Options):
     adapter: str = "auto"
     chunk_order: bool = True
     probe_agg: str = "max"
-    recent: int = 0
+    recent: int = 512  # the shipped adapter was trained with tails of 0-512 tokens
 
     def __post_init__(self) -> None:
         if not isinstance(self.adapter, str) or not self.adapter:
@@ -300,8 +300,8 @@ class CombLlama(Method):
     name = "combllama"
     positionless = True  # the document is cross memory; only the prompt prefix takes positions
     prunes = True
-    summary = ("CombLlama: chunk encoder + gated cross-attention every 4th layer (a trained adapter per model; "
-               "--budget prunes the cross memory with KVCompose)")
+    summary = ("CombLlama: chunk encoder + gated cross-attention (a trained adapter per model); the document's last "
+               "512 tokens stay an ordinary KV cache; --budget prunes the cross memory with KVCompose")
     Options = CombLlamaOptions
 
     def __init__(self, options=None, budget=None):
