@@ -96,8 +96,8 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
 
         mask, key, value, G = causal_lower_right(q, k), key.repeat_interleave(G, 1), value.repeat_interleave(G, 1), 1
     else:
-        if query.shape[0] != 1:
-            raise NotImplementedError("ragged KV caches support batch size 1 only")
+        if key_mask is not None and query.shape[0] != 1:  # the key masks belong to one attached memory
+            raise NotImplementedError("ragged KV caches with key masks support batch size 1 only")
         qi = torch.arange(q, device=query.device)[:, None]
         mask = (torch.arange(k, device=query.device)[None] <= (k - q) + qi)[None, None]  # [1, 1, q, k]
         if key_mask is not None:
