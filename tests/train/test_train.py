@@ -205,3 +205,51 @@ def test_two_process_ddp_run_on_cpu(shards, tiny, tiny_dir, tmp_path):
     from pathlib import Path
 
     assert load_adapter(Path(summary["adapter"]), tiny.model) is not None
+
+
+@pytest.mark.parametrize("recent", [0, 150])
+def test_student_reads_what_attach_gives(tiny, long_doc, store, tmp_path, recent):
+    """Train/inference parity: the student, given a document's chunks, tail and a continuation, computes the
+    logits that ingest → attach → prefill compute for the same continuation after that memory."""
+    from combllama.core.encode import EncodeConfig, ingest, plan_memory
+    from combllama.core.methods import from_manifest, get_method
+    from combllama.core.methods.base import prefill
+    from combllama.core.methods.combllama.method import resolve_adapter
+    from combllama.core.methods.combllama.modules import CombAdapter, CombConfig
+    from combllama.core.methods.combllama.weights import save_adapter, weights_fingerprint
+
+    model = tiny.model
+    torch.manual_seed(3)
+    trained = CombAdapter.from_base(model, CombConfig.for_model(model.config, rank=4, encoder="base", null_slot=True))
+    for p in trained.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    for block in trained.cross:
+        block.attn_gate.data.fill_(0.7)
+    path = tmp_path / "gated.safetensors"
+    save_adapter(path, trained, base_fingerprint=tiny.fingerprint, base_weights=weights_fingerprint(model),
+                 base_name=tiny.name, info={})
+    method = get_method("combllama", {"adapter": str(path), "recent": recent})
+    config = EncodeConfig(chunk_tokens=128)
+    ingest(tiny, long_doc, method, store, name=f"parity{recent}", config=config)
+    reader = store.open(f"parity{recent}")
+    memory = from_manifest(reader.manifest).attach(model, reader.manifest, reader.chunks())
+    cont = tiny.tokenizer("The keeper lit the lantern in the north wing.", add_special_tokens=False)["input_ids"]
+    want = prefill(model, cont, memory.cache, memory.logical_length, memory.lengths[0], all_logits=True)
+
+    plan = plan_memory(tiny, long_doc, method, config)
+    ids, P = plan.ids, plan.n_prefix
+    tail = len(ids) - recent
+    enc, cu, index, after = [], [0], [], []
+    for i, (s, e) in enumerate(plan.spans):  # each chunk's cross part, indexed by its chunk number
+        part = ids[max(s, P):min(e, tail)]
+        if part:
+            enc += part
+            cu.append(cu[-1] + len(part))
+            index += [i] * len(part)
+            after.append(tail - min(e, tail))
+    t = torch.tensor
+    student = train.Student(resolve_adapter(model, str(path))[0], model).eval()
+    with torch.no_grad():
+        got = student(t(enc), t(cu, dtype=torch.int32), t(index), t([ids[:P] + ids[tail:]]), t([cont]), after=t(after))
+    assert got.shape == (1, len(cont), model.config.vocab_size)
+    torch.testing.assert_close(got[0], want.float(), atol=1e-4, rtol=1e-4)
