@@ -47,7 +47,9 @@ def run(args) -> dict:
         store = MemoryStore(Path(tmp))
         comb, trunc = [], []
         for i, p in enumerate(prepared):
-            ingest(loaded, p.document, get_method("combllama", {"adapter": args.adapter}), store, name=f"c{i}",
+            # The cross memory alone, whole: no recent tail, no pruning (what the diagnostic asks about).
+            comb_method = get_method("combllama", {"adapter": args.adapter, "recent": 0}, Budget(fraction=1.0))
+            ingest(loaded, p.document, comb_method, store, name=f"c{i}",
                    config=config())
             comb.append(attach_reader(store.open(f"c{i}"), loaded))
             ingest(loaded, p.document, get_method("truncate", None, Budget(fraction=args.truncate)), store,

@@ -202,7 +202,10 @@ def test_chunk_order_signal_changes_the_memory(deep, encoder):
     assert not torch.allclose(first, second)
 
 
-def _ingest(tiny, doc, store, name, params=None, budget=None, chunk_tokens=128):
+UNPRUNED = Budget(fraction=1.0)
+
+
+def _ingest(tiny, doc, store, name, params=None, budget=UNPRUNED, chunk_tokens=128):
     method = get_method("combllama", params, budget)
     result = ingest(tiny, doc, method, store, name=name, config=EncodeConfig(chunk_tokens=chunk_tokens))
     reader = store.open(result.name)
@@ -254,6 +257,11 @@ def test_budget_prunes_each_cross_layer(tiny, long_doc, store):
     kept = half.cross.entries()
     assert kept <= 0.5 * full.cross.entries() + len(reader.manifest["chunks"]) * 2
     assert kept >= 0.4 * full.cross.entries()
+    # No --budget: a quarter of the cross memory (the recent tail is never pruned).
+    _, default = _ingest(tiny, long_doc, store, "default", {"adapter": "init"}, None)
+    assert default.logical_length == full.logical_length
+    assert 0.2 * full.cross.entries() <= default.cross.entries() <= 0.25 * full.cross.entries() + len(
+        reader.manifest["chunks"]) * 2
     out = list(Engine(tiny.model, half, tiny.eos_ids).generate(turn_ids(tiny.tokenizer, "Which?"),
                                                                 GenerateOptions(max_new_tokens=3)))
     assert len(out) <= 3
@@ -406,9 +414,10 @@ def test_memory_estimates_follow_the_adapters_cross_layers(tiny, tmp_path):
                  base_fingerprint=tiny.fingerprint, base_weights=weights_fingerprint(model), base_name=tiny.name,
                  info={})
     every = {"adapter": str(path), "recent": 0}
-    assert get_method("combllama", every).memory_tokens(400) == 400
+    assert get_method("combllama", every, UNPRUNED).memory_tokens(400) == 400
     assert get_method("combllama", every, Budget(fraction=0.5)).memory_tokens(400) == 200
-    assert get_method("combllama", {"adapter": "init", "recent": 0}).memory_tokens(400) == 100
+    assert get_method("combllama", every).memory_tokens(400) == 100  # the default budget: 0.25
+    assert get_method("combllama", {"adapter": "init", "recent": 0}, UNPRUNED).memory_tokens(400) == 100
     # The recent tail takes every layer and no budget prunes it: 100 tail + 300 × 1/4.
     assert get_method("combllama", {"adapter": "init", "recent": 100}, Budget(fraction=0.5)).memory_tokens(400) == 137
     assert get_method("combllama", {"adapter": str(tmp_path / "missing")}).cross_share() == 0.25
@@ -493,6 +502,8 @@ def test_recent_is_validated_and_history_folds_without_it():
     method = get_method("combllama", {"recent": 256}, Budget(fraction=0.5))
     fold = method.folding()
     assert fold.options.recent == 0 and fold.budget == method.budget and fold.options.adapter == method.options.adapter
-    plain = get_method("combllama", {"recent": 0})
+    plain = get_method("combllama", {"recent": 0}, Budget(fraction=0.5))
     assert plain.folding() is plain
+    # With no budget a document keeps a quarter of its cross memory; folded turns stay whole until compaction.
+    assert get_method("combllama").folding().budget == Budget(fraction=1.0)
     assert method.memory_tokens(1000) == 256 + int(744 * 0.5 * method.cross_share())

@@ -8,7 +8,7 @@ import pytest
 from combllama.core.chat import combine
 from combllama.core.errors import BadInputError
 from combllama.core.history import HistoryPolicy, Segment, SessionHistory, fold_point, turn_counter
-from combllama.core.methods import get_method
+from combllama.core.methods import Budget, get_method
 
 INIT = {"adapter": "init"}
 
@@ -72,7 +72,7 @@ def test_memories_of_turns_read_together_with_a_document(tiny, tmp_path, long_do
     from combllama.core.encode import ingest
     from combllama.core.fast.load import attach_reader
 
-    method = get_method("combllama", INIT)
+    method = get_method("combllama", INIT, Budget(fraction=1.0))  # unpruned: every token is in the cross memory
     ingest(tiny, long_doc, method, store, name="doc")
     doc = store.open("doc")
     doc_mem = attach_reader(doc, tiny)

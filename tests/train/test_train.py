@@ -212,7 +212,7 @@ def test_student_reads_what_attach_gives(tiny, long_doc, store, tmp_path, recent
     """Train/inference parity: the student, given a document's chunks, tail and a continuation, computes the
     logits that ingest → attach → prefill compute for the same continuation after that memory."""
     from combllama.core.encode import EncodeConfig, ingest, plan_memory
-    from combllama.core.methods import from_manifest, get_method
+    from combllama.core.methods import Budget, from_manifest, get_method
     from combllama.core.methods.base import prefill
     from combllama.core.methods.combllama.method import resolve_adapter
     from combllama.core.methods.combllama.modules import CombAdapter, CombConfig
@@ -228,7 +228,7 @@ def test_student_reads_what_attach_gives(tiny, long_doc, store, tmp_path, recent
     path = tmp_path / "gated.safetensors"
     save_adapter(path, trained, base_fingerprint=tiny.fingerprint, base_weights=weights_fingerprint(model),
                  base_name=tiny.name, info={})
-    method = get_method("combllama", {"adapter": str(path), "recent": recent})
+    method = get_method("combllama", {"adapter": str(path), "recent": recent}, Budget(fraction=1.0))  # unpruned
     config = EncodeConfig(chunk_tokens=128)
     ingest(tiny, long_doc, method, store, name=f"parity{recent}", config=config)
     reader = store.open(f"parity{recent}")

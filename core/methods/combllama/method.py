@@ -7,10 +7,10 @@ base model reads them alone, as `truncate` would keep them); every other documen
 encoder, chunk by chunk, independent of the other chunks, with a chunk-index embedding. The adapter's config
 says which encoder (modules.py): "base", the frozen model's own K/V of the chunk at each cross layer (the
 shipped SmolLM2 adapter), or "stack", bidirectional copies of the cross layers on the embeddings (older
-adapters, upstream checkpoints). With a --budget below 1 each cross
-layer keeps fewer tokens: KVCompose's composite-token selection (kvcompose.select_tokens) over scores from a
-probe in which the base model re-reads the chunk through its cross blocks (the KVzip-like "repeat" probe, on
-cross instead of self attention).
+adapters, upstream checkpoints). With a --budget below 1 (0.25 when none is given) each cross layer keeps
+fewer tokens: KVCompose's composite-token selection (kvcompose.select_tokens) over scores from a probe in which
+the base model re-reads the chunk through its cross blocks (the KVzip-like "repeat" probe, on cross instead of
+self attention).
 
 Stored per chunk: "k.i", "v.i" [kv_heads, tokens_i, head_dim] for cross layer i (keys after k_norm; "base":
 rotated), the adapter's sha256 "adapter" uint8 [32], on the chunk where the prefix ends "pk", "pv" [layers,
@@ -26,10 +26,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ...errors import BadInputError, CorruptMemoryError, IncompatibleMemoryError
-from ..base import FLOATS, Encoder, KVMemory, Method, Options, layer_kv, make_cache, prefill
+from ..base import FLOATS, Budget, Encoder, KVMemory, Method, Options, layer_kv, make_cache, prefill
 
 ADAPTERS = Path(__file__).resolve().parent / "adapters"  # shipped adapters, matched by base model
 _AGGS = ("max", "mean")
+DEFAULT_FRACTION = 0.25  # of the cross memory kept when no --budget is given (1: unpruned)
 _CACHED = ("pk", "pv", "rk", "rv")  # tensors of the ordinary KV cache: the prompt prefix and the recent tail
 _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model → {spec: (adapter, digest)}
 
@@ -301,7 +302,7 @@ class CombLlama(Method):
     positionless = True  # the document is cross memory; only the prompt prefix takes positions
     prunes = True
     summary = ("CombLlama: chunk encoder + gated cross-attention (a trained adapter per model); the document's last "
-               "512 tokens stay an ordinary KV cache; --budget prunes the cross memory with KVCompose")
+               "512 tokens stay an ordinary KV cache; --budget prunes the cross memory with KVCompose, default 0.25")
     Options = CombLlamaOptions
 
     def __init__(self, options=None, budget=None):
@@ -310,16 +311,17 @@ class CombLlama(Method):
 
     def keep_fraction(self, total_tokens: int) -> float:
         if self.budget is None:
-            return 1.0
+            return DEFAULT_FRACTION
         if self.budget.fraction is not None:
             return self.budget.fraction
         return min(1.0, self.budget.tokens / max(1, total_tokens))
 
     def folding(self):
-        # Folded turns exist to free the window: none of them stays as a positioned tail.
-        if not self.options.recent:
+        # Folded turns exist to free the window: none of them stays as a positioned tail. Unpruned unless a budget
+        # says otherwise: the history's own compaction prunes them when they outgrow its byte budget.
+        if not self.options.recent and self.budget is not None:
             return self
-        return type(self)(replace(self.options, recent=0), self.budget)
+        return type(self)(replace(self.options, recent=0), self.budget or Budget(fraction=1.0))
 
     def recent_tokens(self, n_doc: int) -> int:
         """Document tokens kept as the recent tail (an ordinary KV cache after the prompt prefix)."""
