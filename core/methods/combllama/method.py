@@ -299,7 +299,7 @@ class CombEncoder(Encoder):
 
 class CombLlama(Method):
     name = "combllama"
-    positionless = True  # the document is cross memory; only the prompt prefix takes positions
+    positionless = True  # past the prefix and the recent tail the document takes no positions; folded turns none
     prunes = True
     summary = ("CombLlama: chunk encoder + gated cross-attention (a trained adapter per model); the document's last "
                "512 tokens stay an ordinary KV cache; --budget prunes the cross memory with KVCompose, default 0.25")
