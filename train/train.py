@@ -162,7 +162,7 @@ class Student(nn.Module):
 
     def forward(self, ids, cu_seqlens, chunk_index, head, dec_ids, shift: int = 0, after=None):
         """`head` [B, P+W]: the prompt prefix and recent tail, read by the base model alone into a KV cache (as
-        attach gets it); `dec_ids` [B, T] read it and the cross memory of the packed chunks `ids`. `shift` k
+        attach gets it); `dec_ids` [B, T-1] read it and the cross memory of the packed chunks `ids`. `shift` k
         gives sample b the memory of sample b+k (the memory-use check: another text's memory); `after` [chunks]
         long: the context tokens after each chunk (read by positions="document")."""
         from transformers import DynamicCache
