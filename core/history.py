@@ -181,8 +181,9 @@ class SessionHistory:
 
     def _covered(self, turns: Sequence[tuple[int, str, str]]) -> int:
         """How many of `turns` (oldest first) are forgotten or held by segments. Segments that do not match
-        the turns exactly (cleared, retried or edited history; another method; a crash between two steps of
-        a compaction) are all removed: the turns fold again from scratch."""
+        the turns exactly (cleared, retried or edited history; another method, or an adapter the method no longer
+        reads, such as a replaced shipped one; a crash between two steps of a compaction) are all removed: the
+        turns fold again from scratch."""
         from ..ingest.transcript import transcript
 
         seqs = [seq for seq, _, _ in turns]
@@ -196,11 +197,24 @@ class SessionHistory:
                 k, reader = -1, None
             if (reader is None or seqs[n] != seg.first or not reader.complete
                     or reader.manifest["method"]["name"] != self.method.name
-                    or reader.manifest["source"]["sha256"] != transcript(self.session, turns[n:k + 1]).sha256):
+                    or reader.manifest["source"]["sha256"] != transcript(self.session, turns[n:k + 1]).sha256
+                    or not self._attaches(seg, reader)):
                 self.clear()
                 return 0
             n = k + 1
         return n
+
+    def _attaches(self, seg: Segment, reader) -> bool:
+        """Whether the segment attaches (kept for parts(), which needs it attached anyway)."""
+        from .errors import IncompatibleMemoryError
+        from .fast.load import attach_reader
+
+        if seg.name not in self._attached:
+            try:
+                self._attached[seg.name] = (reader.manifest, attach_reader(reader, self.loaded))
+            except IncompatibleMemoryError:
+                return False
+        return True
 
     # ------------------------------------------------------------------------------------ sync
 

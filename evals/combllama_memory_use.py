@@ -46,11 +46,10 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="combllama-use-") as tmp:
         store = MemoryStore(Path(tmp))
         comb, trunc = [], []
+        # The cross memory alone, whole: no recent tail, no pruning (what the diagnostic asks about).
+        comb_method = get_method("combllama", {"adapter": args.adapter, "recent": 0}, Budget(fraction=1.0))
         for i, p in enumerate(prepared):
-            # The cross memory alone, whole: no recent tail, no pruning (what the diagnostic asks about).
-            comb_method = get_method("combllama", {"adapter": args.adapter, "recent": 0}, Budget(fraction=1.0))
-            ingest(loaded, p.document, comb_method, store, name=f"c{i}",
-                   config=config())
+            ingest(loaded, p.document, comb_method, store, name=f"c{i}", config=config())
             comb.append(attach_reader(store.open(f"c{i}"), loaded))
             ingest(loaded, p.document, get_method("truncate", None, Budget(fraction=args.truncate)), store,
                    name=f"t{i}", config=config())

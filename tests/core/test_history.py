@@ -142,3 +142,38 @@ def test_compaction_sizes_what_scales_and_keeps_the_prefix_once(tiny, tmp_path):
         assert result.bytes <= budget
     segs = tight.segments()
     assert tight.forgotten_through() == 0 and segs[0].compacted and segs[0].first == 1
+
+
+def test_segments_of_another_adapter_fold_again(tiny, tmp_path):
+    """A session folded with one CombLlama adapter and continued after the adapter behind the same option changed
+    (the shipped adapter replaced by an upgrade) folds its turns again instead of failing to attach them."""
+    import torch
+
+    from combllama.core.methods.combllama import method as comb_method
+    from combllama.core.methods.combllama.modules import CombAdapter, CombConfig
+    from combllama.core.methods.combllama.weights import save_adapter, weights_fingerprint
+
+    path = tmp_path / "adapter.safetensors"
+
+    def ship(seed):
+        torch.manual_seed(seed)
+        adapter = CombAdapter.from_base(tiny.model, CombConfig.for_model(tiny.model.config, rank=4))
+        for p in adapter.parameters():
+            p.data.add_(torch.randn_like(p) * 0.05)
+        save_adapter(path, adapter, base_fingerprint=tiny.fingerprint, base_weights=weights_fingerprint(tiny.model),
+                     base_name=tiny.name, info={})
+        comb_method._cache.pop(tiny.model, None)
+
+    try:
+        ship(1)
+        h = history(tiny, tmp_path, params={"adapter": str(path)})
+        folded = h.sync(turns(30)).folded
+        old = {s.name for s in h.segments()}
+        assert folded and old and len(h.parts()) == len(old)
+        ship(2)
+        upgraded = history(tiny, tmp_path, params={"adapter": str(path)})
+        assert upgraded.sync(turns(30)).folded == folded  # folded again, with the new adapter
+        parts = upgraded.parts()
+        assert len(parts) == len(old) and all(m.cross.adapter is parts[0][2].cross.adapter for _, _, m in parts)
+    finally:
+        comb_method._cache.pop(tiny.model, None)
